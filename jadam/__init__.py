@@ -1,0 +1,26 @@
+"""jadam: Adam for JAX — pure functional Adam-family optimizers over pytrees.
+
+Interchangeable with optax, fast on real pytrees (flat fused engine), and
+scaling out with data-parallel and ZeRO-sharded training (``jadam.parallel``).
+"""
+
+from ._core import AdamState as AdamState
+from ._core import AmsgradState as AmsgradState
+from ._core import OptimizerSpec as OptimizerSpec
+from ._core import init as init
+from ._core import step as step
+from ._core import update as update
+from ._optimizers import adam as adam
+from ._optimizers import adamax as adamax
+from ._optimizers import adamaxw as adamaxw
+from ._optimizers import adamw as adamw
+from ._optimizers import amsgrad as amsgrad
+from ._optimizers import lamb as lamb
+from ._optimizers import nadam as nadam
+from ._optimizers import nadamw as nadamw
+from ._optimizers import optimizer_spec as optimizer_spec
+from ._optimizers import radam as radam
+from ._optimizers import scale_by_adam as scale_by_adam
+from ._rule import Rule as Rule
+
+__version__ = "0.1.0"

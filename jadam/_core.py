@@ -1,0 +1,405 @@
+"""The pure functional core: Adam state as a pytree, ``init``/``update``/``step``.
+
+This module holds the *tree layout* (one moment leaf per param leaf, optax's
+layout) and the functional API built on it. A packed flat value (see
+:class:`jadam.FlatLayout`) is itself a pytree of buffers, so the same
+functions run one fused pass per buffer on it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _rule
+from . import _validate as V
+
+
+class AdamState(NamedTuple):
+  """Adam's state: the step count and the two moments, mirroring the params.
+
+  Attributes:
+    count: int32 scalar, the number of steps taken.
+    mu: first moment, one leaf per param leaf (``None`` where the param is).
+    nu: second moment (the infinity norm for Adamax).
+  """
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+class AmsgradState(NamedTuple):
+  """AMSGrad's state: Adam's plus the running maximum of the bias-corrected ``nu``."""
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+  nu_max: Any
+
+
+def state_class(rule: _rule.Rule):
+  return AmsgradState if rule.kind == "amsgrad" else AdamState
+
+
+class OptimizerSpec(NamedTuple):
+  """Everything that defines one optimizer, independent of the state layout.
+
+  Layouts (tree, flat, ZeRO-sharded) build their transformation from a spec;
+  the math lives in :mod:`jadam._rule`.
+  """
+
+  name: str
+  rule: _rule.Rule
+  learning_rate: Any  # float | array | schedule | None (no scaling)
+  b1: Any
+  b2: Any
+  eps: Any
+  eps_root: Any
+  weight_decay: Any  # float | array | schedule
+  mask: Any  # None | tree of bools | callable(params) -> tree
+  threshold: Any = 5.0
+  mu_dtype: Any = None
+  nu_dtype: Any = None
+
+  def hyper(self, count: jax.Array) -> _rule.Hyper:
+    """Hyperparameter values for the step whose (old) count is ``count``."""
+    lr = self.learning_rate
+    if callable(lr):
+      lr = lr(count)
+    wd = self.weight_decay
+    if callable(wd):
+      wd = wd(count)
+    return _rule.Hyper(
+        learning_rate=_as_hyper(lr), b1=_as_hyper(self.b1), b2=_as_hyper(self.b2),
+        eps=_as_hyper(self.eps), eps_root=_as_hyper(self.eps_root),
+        weight_decay=_as_hyper(wd), threshold=_as_hyper(self.threshold),
+    )
+
+  def uses_weight_decay(self) -> bool:
+    wd = self.weight_decay
+    return callable(wd) or isinstance(wd, jax.core.Tracer) or np.asarray(wd) != 0
+
+  def validate(self) -> None:
+    """Construction-time checks of every hyperparameter (concrete values only)."""
+    fn = self.name
+    if self.learning_rate is not None:
+      V.check_range(fn, "learning_rate", self.learning_rate, low=0.0, allow_schedule=True)
+    V.check_range(fn, "b1", self.b1, low=0.0, high=1.0)
+    V.check_range(fn, "b2", self.b2, low=0.0, high=1.0)
+    V.check_range(fn, "eps", self.eps, low=0.0)
+    V.check_range(fn, "eps_root", self.eps_root, low=0.0)
+    V.check_range(fn, "weight_decay", self.weight_decay, low=0.0, allow_schedule=True)
+    V.check_real(fn, "threshold", self.threshold)
+    V.check_mask_arg(fn, self.mask)
+
+
+def _as_hyper(x):
+  """Python/NumPy scalars stay Python floats (weakly typed, as optax uses them);
+  arrays become float32 (hyperparameter math is float32 whatever the params)."""
+  if x is None:
+    return None
+  if isinstance(x, (bool, np.bool_)):
+    raise ValueError(f"hyperparameters must be numbers, got {x!r}")
+  if isinstance(x, (int, float, np.number)) or (isinstance(x, np.ndarray) and x.ndim == 0):
+    return float(x)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)
+  return x
+
+
+def _zeros(leaf, dtype) -> jax.Array:
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is not None:
+      return jnp.zeros(leaf.shape, dtype, device=sharding)
+    return jnp.zeros(leaf.shape, dtype)
+  if not hasattr(leaf, "dtype"):
+    leaf = jnp.asarray(leaf)
+  return jnp.zeros_like(leaf, dtype=dtype)
+
+
+def _leaf_dtype(leaf) -> np.dtype:
+  dt = getattr(leaf, "dtype", None)
+  return np.dtype(dt) if dt is not None else np.dtype(jnp.asarray(leaf).dtype)
+
+
+def init_state(fn: str, rule: _rule.Rule, params, mu_dtype=None, nu_dtype=None):
+  """Zero moments mirroring ``params`` (``None`` leaves pass through)."""
+  flat, treedef = V.flatten_with_none(params)
+  moments = {name: [] for name in rule.moment_names}
+  for path, leaf in flat:
+    if leaf is None:
+      for name in rule.moment_names:
+        moments[name].append(None)
+      continue
+    V.check_params_leaf(fn, path, leaf)
+    dt = _leaf_dtype(leaf)
+    dtypes = {"mu": mu_dtype or dt, "nu": nu_dtype or dt, "nu_max": nu_dtype or dt}
+    for name in rule.moment_names:
+      moments[name].append(_zeros(leaf, dtypes[name]))
+  return state_class(rule)(
+      jnp.zeros([], jnp.int32),
+      *(treedef.unflatten(moments[name]) for name in rule.moment_names),
+  )
+
+
+def _check_state(fn: str, rule: _rule.Rule, state) -> None:
+  cls = state_class(rule)
+  if not isinstance(state, cls):
+    raise ValueError(
+        f"`{fn}(state=...)` must be a jadam.{cls.__name__} (from the matching "
+        f"init), got {type(state).__name__}"
+    )
+
+
+def tree_update(
+    fn: str,
+    rule: _rule.Rule,
+    hp: _rule.Hyper,
+    grads,
+    state,
+    params=None,
+    *,
+    decay_mask: list[bool] | None = None,
+    apply: bool = False,
+    scale_lr: bool = True,
+):
+  """One step in the tree layout.
+
+  Args:
+    fn: the public function's name, for error messages.
+    rule: the static rule.
+    hp: hyperparameter values at this step.
+    grads: gradients, a tree shaped like ``state.mu``.
+    state: ``AdamState`` or ``AmsgradState``.
+    params: current params (needed for weight decay, LAMB and ``apply``).
+    decay_mask: per-leaf booleans (in flattening order, ``None`` leaves
+      included): where weight decay applies. ``None``: everywhere.
+    apply: return new params instead of updates (fused ``p + u``).
+    scale_lr: multiply by ``-learning_rate`` (False for ``scale_by_adam``).
+
+  Returns:
+    ``(updates, new_state)``, or ``(new_params, new_state)`` with ``apply``.
+  """
+  _check_state(fn, rule, state)
+  V.check_same_structure("grads", grads, "state.mu", state.mu)
+  use_wd = _nonzero(hp.weight_decay)
+  if params is None and (apply or rule.trust_ratio or use_wd):
+    raise ValueError(
+        f"`{fn}` needs `params` (for weight decay, LAMB's trust ratio or "
+        f"applying the update); got params=None"
+    )
+  if params is not None:
+    V.check_same_structure("params", params, "grads", grads)
+
+  if decay_mask is None:
+    decay_mask = (True,) * len(V.flatten_with_none(grads)[0])
+  static_hp, dynamic_hp = _split_hyper(hp)
+  return _tree_update_jit(
+      rule, static_hp, tuple(decay_mask), use_wd, apply, scale_lr,
+      dynamic_hp, grads, state, params,
+  )
+
+
+def _split_hyper(hp: _rule.Hyper):
+  """Python floats are static (constants, as optax uses them); arrays are traced."""
+  static = hp._replace(**{k: (v if isinstance(v, float) or v is None else _DYNAMIC)
+                          for k, v in hp._asdict().items()})
+  dynamic = hp._replace(**{k: (None if isinstance(v, float) or v is None else v)
+                           for k, v in hp._asdict().items()})
+  return static, dynamic
+
+
+_DYNAMIC = "dynamic"
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), inline=True)
+def _tree_update_jit(rule, static_hp, decay_mask, use_wd, apply, scale_lr,
+                     dynamic_hp, grads, state, params):
+  # One compiled computation per (rule, tree, constants): an eager call runs
+  # the same fused code as a jitted one, and gives bit-identical results.
+  hp = static_hp._replace(**{k: v for k, v in dynamic_hp._asdict().items()
+                             if static_hp._asdict()[k] == _DYNAMIC})
+  count_inc = _rule.safe_increment(state.count)
+  scalars = _rule.step_scalars(rule, hp, count_inc)
+  g_flat, treedef = V.flatten_with_none(grads)
+  g_flat = [g for _, g in g_flat]
+  moments_flat = [treedef.flatten_up_to(getattr(state, n)) for n in rule.moment_names]
+  p_flat = treedef.flatten_up_to(params) if params is not None else [None] * len(g_flat)
+
+  out, new_moments = [], [[] for _ in rule.moment_names]
+  for i, (g, p) in enumerate(zip(g_flat, p_flat)):
+    if g is None:
+      out.append(None)
+      for nm in new_moments:
+        nm.append(None)
+      continue
+    direction, moms = _rule.element_update(
+        rule, hp, scalars, g, tuple(m[i] for m in moments_flat)
+    )
+    if use_wd and decay_mask[i]:
+      direction = direction + hp.weight_decay * p.astype(direction.dtype)
+    if rule.trust_ratio:
+      ratio = _rule.trust_ratio(
+          jnp.linalg.norm(p.astype(direction.dtype)), jnp.linalg.norm(direction)
+      )
+      direction = direction * ratio
+    u = direction
+    if scale_lr:
+      u = jnp.asarray(-hp.learning_rate, dtype=direction.dtype) * direction
+    ref = p if p is not None else g
+    if apply:
+      out.append((p.astype(u.dtype) + u).astype(p.dtype))
+    else:
+      out.append(u.astype(ref.dtype))
+    for nm, m in zip(new_moments, moms):
+      nm.append(m)
+  new_state = state_class(rule)(count_inc, *(treedef.unflatten(m) for m in new_moments))
+  return treedef.unflatten(out), new_state
+
+
+def _nonzero(x) -> bool:
+  if isinstance(x, float):
+    return x != 0.0
+  return True  # an array (maybe traced): always apply
+
+
+# ---------------------------------------------------------------- public API
+
+
+def init(params, *, mu_dtype=None, nu_dtype=None) -> AdamState:
+  """Creates Adam's state for ``params``: zero moments, count 0.
+
+  Args:
+    params: a pytree of float (or complex) arrays, ``jax.ShapeDtypeStruct``
+      leaves (zeros are made with their shape, dtype and sharding), or a
+      packed flat value. ``None`` leaves pass through.
+    mu_dtype: dtype of the first moment (default: each param's dtype).
+    nu_dtype: dtype of the second moment (default: each param's dtype).
+
+  Returns:
+    A :class:`jadam.AdamState` ``(count, mu, nu)``; it never aliases ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, jadam
+    >>> params = {"w": jnp.ones((2, 3))}
+    >>> state = jadam.init(params)
+    >>> state.mu["w"].shape
+    (2, 3)
+  """
+  mu_dtype = V.check_dtype("jadam.init", "mu_dtype", mu_dtype)
+  nu_dtype = V.check_dtype("jadam.init", "nu_dtype", nu_dtype)
+  return init_state("jadam.init", _rule.Rule("adam"), params, mu_dtype, nu_dtype)
+
+
+def _functional_hyper(fn, learning_rate, b1, b2, eps, eps_root, weight_decay):
+  spec = OptimizerSpec(
+      name=fn, rule=_rule.Rule("adam"), learning_rate=learning_rate, b1=b1, b2=b2,
+      eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=None,
+  )
+  for name, v in (("learning_rate", learning_rate), ("weight_decay", weight_decay)):
+    if callable(v):
+      raise ValueError(
+          f"`{fn}({name}=...)` must be a number or an array; for a schedule, "
+          f"evaluate it at state.count (or use jadam.adam)"
+      )
+  spec.validate()
+  return spec.hyper(None)
+
+
+def update(
+    grads,
+    state: AdamState,
+    params=None,
+    *,
+    learning_rate=1e-3,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    weight_decay=0.0,
+    nesterov: bool = False,
+):
+  r"""One Adam(W) step: returns the updates (to add to the params) and the new state.
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\\
+    u_t = -\alpha\left(\frac{m_t / (1-\beta_1^t)}
+          {\sqrt{v_t/(1-\beta_2^t) + \epsilon_{root}} + \epsilon}
+          + \lambda p_{t-1}\right)
+
+  Hyperparameters may be Python floats or JAX arrays (a new array under
+  ``jit`` does not retrace). All hyperparameter and bias-correction math is
+  float32 whatever the params' dtype; updates come back in each param's dtype.
+
+  Args:
+    grads: gradients, shaped like the params.
+    state: the state from :func:`jadam.init` or a previous update.
+    params: current params; required when ``weight_decay`` is not 0.
+    learning_rate: step size :math:`\alpha` (>= 0).
+    b1: first-moment decay :math:`\beta_1`, in [0, 1).
+    b2: second-moment decay :math:`\beta_2`, in [0, 1).
+    eps: added to the denominator outside the square root (>= 0).
+    eps_root: added inside the square root (>= 0).
+    weight_decay: decoupled weight decay :math:`\lambda` (AdamW).
+    nesterov: use Nesterov momentum (NAdam).
+
+  Returns:
+    ``(updates, new_state)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jadam
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = jadam.init(params)
+    >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+    >>> updates, state = jadam.update(grads, state, params, learning_rate=0.1)
+
+  References:
+    Kingma & Ba, 2014, https://arxiv.org/abs/1412.6980;
+    Loshchilov & Hutter, 2019, https://arxiv.org/abs/1711.05101.
+
+  .. seealso:: :func:`jadam.step`, :func:`jadam.adam`.
+  """
+  hp = _functional_hyper("jadam.update", learning_rate, b1, b2, eps, eps_root, weight_decay)
+  return tree_update(
+      "jadam.update", _rule.Rule("adam", nesterov=bool(nesterov)), hp, grads, state, params
+  )
+
+
+def step(
+    grads,
+    state: AdamState,
+    params,
+    *,
+    learning_rate=1e-3,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    weight_decay=0.0,
+    nesterov: bool = False,
+):
+  """One Adam(W) step, update and apply in one pass: ``(new_params, new_state)``.
+
+  Same arguments as :func:`jadam.update`; ``params`` is required. The new
+  params are rounded once to their dtype (``p + u`` is computed in float32).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jadam
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = jadam.init(params)
+    >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+    >>> params, state = jax.jit(jadam.step)(grads, state, params)
+  """
+  hp = _functional_hyper("jadam.step", learning_rate, b1, b2, eps, eps_root, weight_decay)
+  return tree_update(
+      "jadam.step", _rule.Rule("adam", nesterov=bool(nesterov)), hp, grads, state, params,
+      apply=True,
+  )

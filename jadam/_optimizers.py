@@ -1,0 +1,432 @@
+"""optax-compatible Adam-family optimizers.
+
+Each function has exactly the arguments and defaults of the optax function of
+the same name, plus jadam's keyword-only extras (``mu_dtype``/``nu_dtype``
+where optax lacks them, ``layout``), and returns an
+``optax.GradientTransformation`` usable in ``optax.chain``, Flax's
+``TrainState`` and ``nnx.Optimizer``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import jax
+import optax
+
+from . import _core
+from . import _rule
+from . import _validate as V
+
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], Any]]
+MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]
+LAYOUTS = ("tree", "flat")
+
+
+def _tree_transformation(spec: _core.OptimizerSpec) -> optax.GradientTransformationExtraArgs:
+  fn = spec.name
+  use_wd = spec.uses_weight_decay()
+
+  def init_fn(params):
+    if spec.mask is not None:
+      V.resolve_mask(fn, spec.mask, params)  # structure errors at init, not mid-training
+    return _core.init_state(fn, spec.rule, params, spec.mu_dtype, spec.nu_dtype)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    decay_mask = None
+    if use_wd and spec.mask is not None and params is not None:
+      decay_mask = V.resolve_mask(fn, spec.mask, params)
+    return _core.tree_update(
+        fn, spec.rule, spec.hyper(state.count), updates, state, params,
+        decay_mask=decay_mask, scale_lr=spec.learning_rate is not None,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _build(spec: _core.OptimizerSpec, layout: str) -> optax.GradientTransformationExtraArgs:
+  spec.validate()
+  V.check_choice(spec.name, "layout", layout, LAYOUTS)
+  spec = spec._replace(
+      mu_dtype=V.check_dtype(spec.name, "mu_dtype", spec.mu_dtype),
+      nu_dtype=V.check_dtype(spec.name, "nu_dtype", spec.nu_dtype),
+  )
+  if layout == "flat":
+    from . import _flat  # pylint: disable=import-outside-toplevel
+
+    tx = _flat.flat_transformation(spec)
+  else:
+    tx = _tree_transformation(spec)
+  # Layout-independent description, read by jadam.parallel (ZeRO) and tests.
+  tx.update.jadam_spec = spec  # type: ignore[attr-defined]
+  return tx
+
+
+def optimizer_spec(tx) -> _core.OptimizerSpec | None:
+  """The :class:`OptimizerSpec` of a jadam optimizer, or None for others."""
+  return getattr(getattr(tx, "update", None), "jadam_spec", None)
+
+
+def scale_by_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = False,
+    nu_dtype: Any = None,
+    layout: str = "tree",
+) -> optax.GradientTransformationExtraArgs:
+  """Rescales updates by Adam's rule (no learning rate): ``optax.scale_by_adam``.
+
+  Args:
+    b1: first-moment decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    eps: added to the denominator outside the square root (>= 0).
+    eps_root: added inside the square root (>= 0).
+    mu_dtype: dtype of the first moment (default: the params').
+    nesterov: use Nesterov momentum.
+    nu_dtype: dtype of the second moment (jadam extra).
+    layout: ``"tree"`` (optax's state layout) or ``"flat"`` (packed state).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import optax, jadam
+    >>> tx = optax.chain(jadam.scale_by_adam(), optax.scale(-1e-3))
+
+  References:
+    Kingma & Ba, 2014, https://arxiv.org/abs/1412.6980
+  """
+  return _build(
+      _core.OptimizerSpec(
+          "scale_by_adam", _rule.Rule("adam", nesterov=nesterov), None, b1, b2, eps,
+          eps_root, 0.0, None, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      ),
+      layout,
+  )
+
+
+def adam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = False,
+    nu_dtype: Any = None,
+    layout: str = "tree",
+) -> optax.GradientTransformationExtraArgs:
+  r"""The Adam optimizer, interchangeable with ``optax.adam``.
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+    u_t = -\alpha_t \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)+\epsilon_{root}}+\epsilon}
+
+  Unlike optax, eps, betas and bias corrections stay float32 for float16 and
+  bfloat16 params, so float16 params with zero gradients never give NaN.
+
+  Args:
+    learning_rate: a float, a scalar array or an optax schedule (>= 0).
+    b1: first-moment decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    eps: added to the denominator outside the square root (>= 0).
+    eps_root: added inside the square root (>= 0).
+    mu_dtype: dtype of the first moment (default: the params').
+    nesterov: use Nesterov momentum (NAdam).
+    nu_dtype: dtype of the second moment (jadam extra; default: the params').
+    layout: ``"tree"`` (optax's state layout) or ``"flat"`` (packed state).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`jadam.AdamState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jadam
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), jadam.adam(1e-3))
+    >>> state = tx.init({"w": jnp.zeros(3)})
+
+  References:
+    Kingma & Ba, 2014, https://arxiv.org/abs/1412.6980
+
+  .. seealso:: :func:`jadam.adamw`, :func:`jadam.nadam`, :func:`jadam.step`.
+  """
+  return _build(
+      _core.OptimizerSpec(
+          "adam", _rule.Rule("adam", nesterov=nesterov), learning_rate, b1, b2, eps,
+          eps_root, 0.0, None, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      ),
+      layout,
+  )
+
+
+def nadam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = True,
+    nu_dtype: Any = None,
+    layout: str = "tree",
+) -> optax.GradientTransformationExtraArgs:
+  """NAdam: Adam with Nesterov momentum, interchangeable with ``optax.nadam``.
+
+  Args: as :func:`jadam.adam` (``nesterov`` defaults to True).
+
+  References:
+    Dozat, 2016, https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ
+  """
+  return _build(
+      _core.OptimizerSpec(
+          "nadam", _rule.Rule("adam", nesterov=nesterov), learning_rate, b1, b2, eps,
+          eps_root, 0.0, None, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      ),
+      layout,
+  )
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: MaskOrFn = None,
+    *,
+    nesterov: bool = False,
+    nu_dtype: Any = None,
+    layout: str = "tree",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adam with decoupled weight decay, interchangeable with ``optax.adamw``.
+
+  ``u_t = -\alpha_t (\mathrm{adam\_direction}_t + \lambda p_{t-1})``.
+
+  Args:
+    learning_rate: a float, a scalar array or an optax schedule (>= 0).
+    b1, b2, eps, eps_root, mu_dtype: as :func:`jadam.adam`.
+    weight_decay: decay rate :math:`\lambda` (>= 0) or a schedule.
+    mask: a tree of bools shaped like (a prefix of) the params, or a callable
+      returning one: True where weight decay applies.
+    nesterov: use Nesterov momentum (NAdamW).
+    nu_dtype: dtype of the second moment (jadam extra).
+    layout: ``"tree"`` or ``"flat"``.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jadam
+    >>> tx = jadam.adamw(1e-3, weight_decay=0.01, mask=lambda p: {"w": True, "b": False})
+
+  References:
+    Loshchilov & Hutter, 2019, https://arxiv.org/abs/1711.05101
+  """
+  return _build(
+      _core.OptimizerSpec(
+          "adamw", _rule.Rule("adam", nesterov=nesterov), learning_rate, b1, b2, eps,
+          eps_root, weight_decay, mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      ),
+      layout,
+  )
+
+
+def nadamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: MaskOrFn = None,
+    *,
+    nesterov: bool = True,
+    nu_dtype: Any = None,
+    layout: str = "tree",
+) -> optax.GradientTransformationExtraArgs:
+  """NAdamW: AdamW with Nesterov momentum, interchangeable with ``optax.nadamw``.
+
+  Args: as :func:`jadam.adamw` (``nesterov`` defaults to True).
+  """
+  return _build(
+      _core.OptimizerSpec(
+          "nadamw", _rule.Rule("adam", nesterov=nesterov), learning_rate, b1, b2, eps,
+          eps_root, weight_decay, mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      ),
+      layout,
+  )
+
+
+def amsgrad(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    *,
+    nu_dtype: Any = None,
+    layout: str = "tree",
+) -> optax.GradientTransformationExtraArgs:
+  """AMSGrad: Adam with a running maximum of ``nu``, as ``optax.amsgrad``.
+
+  Args:
+    learning_rate, b1, b2, eps, eps_root, mu_dtype: as :func:`jadam.adam`.
+    bias_correction_mu: bias-correct the first moment.
+    bias_correction_nu: bias-correct the second moment (before the maximum).
+    nu_dtype: dtype of ``nu`` and ``nu_max`` (jadam extra).
+    layout: ``"tree"`` or ``"flat"``.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`jadam.AmsgradState`.
+
+  References:
+    Reddi et al., 2018, https://openreview.net/forum?id=ryQu7f-RZ
+  """
+  return _build(
+      _core.OptimizerSpec(
+          "amsgrad",
+          _rule.Rule("amsgrad", bias_correction_mu=bias_correction_mu,
+                     bias_correction_nu=bias_correction_nu),
+          learning_rate, b1, b2, eps, eps_root, 0.0, None,
+          mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      ),
+      layout,
+  )
+
+
+def adamax(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    layout: str = "tree",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adamax (Adam with the infinity norm), as ``optax.adamax``.
+
+  ``v_t = \max(|g_t| + \epsilon, \beta_2 v_{t-1})``,
+  ``u_t = -\alpha_t \frac{m_t/(1-\beta_1^t)}{v_t}``.
+
+  Args:
+    learning_rate, b1, b2, eps: as :func:`jadam.adam`.
+    mu_dtype, nu_dtype: moment dtypes (jadam extras).
+    layout: ``"tree"`` or ``"flat"``.
+
+  References:
+    Kingma & Ba, 2014, https://arxiv.org/abs/1412.6980 (section 7)
+  """
+  return _build(
+      _core.OptimizerSpec(
+          "adamax", _rule.Rule("adamax"), learning_rate, b1, b2, eps, 0.0, 0.0, None,
+          mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      ),
+      layout,
+  )
+
+
+def adamaxw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: MaskOrFn = None,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    layout: str = "tree",
+) -> optax.GradientTransformationExtraArgs:
+  """Adamax with decoupled weight decay, as ``optax.adamaxw``.
+
+  Args: as :func:`jadam.adamax`, plus ``weight_decay`` and ``mask`` as
+  :func:`jadam.adamw`.
+  """
+  return _build(
+      _core.OptimizerSpec(
+          "adamaxw", _rule.Rule("adamax"), learning_rate, b1, b2, eps, 0.0,
+          weight_decay, mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      ),
+      layout,
+  )
+
+
+def radam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    threshold: float = 5.0,
+    *,
+    nesterov: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    layout: str = "tree",
+) -> optax.GradientTransformationExtraArgs:
+  """Rectified Adam, as ``optax.radam``.
+
+  Args:
+    learning_rate, b1, b2, eps, eps_root: as :func:`jadam.adam`.
+    threshold: rectify once the approximated SMA length reaches it.
+    nesterov: use Nesterov momentum.
+    mu_dtype, nu_dtype: moment dtypes (jadam extras).
+    layout: ``"tree"`` or ``"flat"``.
+
+  References:
+    Liu et al., 2020, https://arxiv.org/abs/1908.03265
+  """
+  return _build(
+      _core.OptimizerSpec(
+          "radam", _rule.Rule("radam", nesterov=nesterov), learning_rate, b1, b2, eps,
+          eps_root, 0.0, None, threshold=threshold, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      ),
+      layout,
+  )
+
+
+def lamb(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    eps_root: float = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    layout: str = "tree",
+) -> optax.GradientTransformationExtraArgs:
+  """LAMB: AdamW scaled per parameter by the trust ratio ``|p| / |u|``, as ``optax.lamb``.
+
+  Args:
+    learning_rate, b1, b2, eps, eps_root: as :func:`jadam.adam`.
+    weight_decay, mask: as :func:`jadam.adamw`.
+    mu_dtype, nu_dtype: moment dtypes (jadam extras).
+    layout: ``"tree"`` or ``"flat"`` (per-parameter norms by segment sums).
+
+  References:
+    You et al., 2020, https://arxiv.org/abs/1904.00962
+  """
+  return _build(
+      _core.OptimizerSpec(
+          "lamb", _rule.Rule("adam", trust_ratio=True), learning_rate, b1, b2, eps,
+          eps_root, weight_decay, mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      ),
+      layout,
+  )
