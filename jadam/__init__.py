@@ -22,5 +22,6 @@ from ._optimizers import optimizer_spec as optimizer_spec
 from ._optimizers import radam as radam
 from ._optimizers import scale_by_adam as scale_by_adam
 from ._rule import Rule as Rule
+from . import parallel as parallel
 
 __version__ = "0.1.0"

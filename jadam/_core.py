@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from . import _rule
 from . import _validate as V
@@ -247,7 +248,7 @@ def _tree_update_jit(rule, static_hp, decay_mask, use_wd, apply, scale_lr,
       direction = direction + hp.weight_decay * p.astype(direction.dtype)
     if rule.trust_ratio:
       ratio = _rule.trust_ratio(
-          jnp.linalg.norm(p.astype(direction.dtype)), jnp.linalg.norm(direction)
+          optax.safe_norm(p.astype(direction.dtype), 0.0), optax.safe_norm(direction, 0.0)
       )
       direction = direction * ratio
     u = direction

@@ -161,6 +161,9 @@ def resolve_mask(fn: str, mask, params) -> list[bool]:
     ) from None
   out = []
   for path, m in flatten_with_none(full)[0]:
+    if m is None:  # a None param (no state): nothing to decay
+      out.append(False)
+      continue
     if isinstance(m, jax.core.Tracer) or np.ndim(m) != 0 or not isinstance(
         m.item() if hasattr(m, "item") else m, (bool, np.bool_)
     ):
@@ -177,7 +180,7 @@ def check_mask_arg(fn: str, mask) -> None:
   if mask is None or callable(mask):
     return
   for path, m in flatten_with_none(mask)[0]:
-    if m is None or not isinstance(m, (bool, np.bool_)):
+    if m is not None and not isinstance(m, (bool, np.bool_)):
       raise ValueError(
           f"`{fn}(mask=...)` must be None, a callable, or a tree of Python "
           f"bools; got {m!r} at {jax.tree_util.keystr(path) or '<root>'}"

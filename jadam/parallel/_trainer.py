@@ -1,0 +1,237 @@
+"""``DataParallel``: a donated, compiled data-parallel training step in three
+lines, over ``pmap``, ``shard_map`` or ``jit``, on one process or many."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from . import _strategies  # noqa: F401  (registers the built-in strategies)
+from ._common import PyTree
+from ._common import StepConfig
+from ._common import get_strategy
+
+
+class DataParallel:
+  """Data-parallel training step: the mean loss over a global batch split over
+  the devices of one mesh axis, and one optimizer update from its gradient.
+
+  Each of the ``N`` devices on ``mesh``'s ``axis_name`` axis computes the
+  gradient of the mean loss over its ``B / N`` rows of the batch (optionally in
+  ``accumulation_steps`` micro-batches); the gradients are averaged over the
+  axis, which for equal shares is the gradient of the mean over all ``B`` rows,
+  and every device applies the same ``optimizer`` update to its replica of
+  the params and optimizer state.
+
+  Strategies (``strategy=``), which give the same results:
+
+  * ``"shard_map"`` (default): ``jax.shard_map`` over the mesh with an
+    explicit ``lax.pmean``.
+  * ``"jit"``: ``jax.jit`` with ``NamedSharding`` in/out shardings; GSPMD
+    inserts the all-reduce.
+  * ``"pmap"``: ``jax.pmap`` with ``lax.pmean``; params and state carry a
+    leading device axis (one replica per local device).
+
+  Params and optimizer state passed to :meth:`step` are donated: use the
+  returned ones. The step is compiled once per trainer and reused.
+
+  Multi-process runs: call ``jax.distributed.initialize(...)`` first, build
+  ``mesh`` over ``jax.devices()`` (all processes), pass every process the same
+  initial params, and pass each process its own share of every global batch
+  (numpy or process-local arrays; rows ``[i * B / P, (i + 1) * B / P)`` of the
+  global batch in process ``i`` for ``jax.make_mesh``'s device order).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, numpy as np, optax
+    >>> import jadam.parallel
+    >>> def loss_fn(params, batch):
+    ...   x, y = batch
+    ...   return jnp.mean((x @ params["w"] - y) ** 2)
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    >>> trainer = jadam.parallel.DataParallel(loss_fn, optax.adam(1e-2), mesh)
+    >>> params, opt_state = trainer.init({"w": np.zeros((3, 1), np.float32)})
+    >>> x = np.ones((8 * jax.device_count(), 3), np.float32)
+    >>> y = np.ones((8 * jax.device_count(), 1), np.float32)
+    >>> params, opt_state, loss = trainer.step(params, opt_state, (x, y))
+    >>> float(loss)
+    1.0
+    >>> trainer.gather(params)["w"].shape
+    (3, 1)
+
+  .. seealso:: :func:`jadam.parallel.available_strategies`,
+    :func:`jadam.parallel.register_strategy`.
+  """
+
+  def __init__(
+      self,
+      loss_fn: Callable[..., Any],
+      optimizer: optax.GradientTransformation,
+      mesh: Mesh,
+      *,
+      strategy: str = "shard_map",
+      axis_name: str = "data",
+      has_aux: bool = False,
+      accumulation_steps: int = 1,
+  ):
+    """Builds the trainer (nothing is compiled until the first step).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> loss``, a float scalar, the mean
+        loss over ``batch``; with ``has_aux=True`` it returns ``(loss, aux)``
+        where ``aux`` is a pytree of float arrays that are likewise means over
+        ``batch`` (accuracy, say), so that their average over devices and
+        micro-batches is their mean over the global batch.
+      optimizer: any ``optax.GradientTransformation`` (jadam's or optax's).
+      mesh: a ``jax.sharding.Mesh`` with an axis named ``axis_name``; its
+        axis types may be ``Explicit`` (``jax.make_mesh``'s default) or
+        ``Auto``.
+      strategy: one of :func:`available_strategies`: ``"shard_map"``,
+        ``"jit"`` or ``"pmap"``.
+      axis_name: the mesh axis the batch is split over; params and state are
+        replicated over every axis.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      accumulation_steps: number of equal micro-batches each device's share
+        is split into inside one step (a ``lax.scan`` with one gradient
+        accumulator); the result equals one step on the whole batch.
+
+    Raises:
+      ValueError: for an unknown ``strategy``, a ``mesh`` without
+        ``axis_name``, or ``accumulation_steps`` not a positive integer.
+      TypeError: for a ``loss_fn`` that is not callable or an ``optimizer``
+        that is not a ``GradientTransformation``.
+    """
+    if not callable(loss_fn):
+      raise TypeError(
+          f"`DataParallel(loss_fn=...)` must be callable, got {loss_fn!r}")
+    if not (callable(getattr(optimizer, "init", None))
+            and callable(getattr(optimizer, "update", None))):
+      raise TypeError(
+          "`DataParallel(optimizer=...)` must be an optax "
+          f"GradientTransformation (with init and update), got {optimizer!r}")
+    if not isinstance(mesh, Mesh):
+      raise ValueError(
+          "`DataParallel(mesh=...)` must be a jax.sharding.Mesh with devices "
+          f"(e.g. jax.make_mesh((n,), ({axis_name!r},))), got {mesh!r}")
+    if axis_name not in mesh.axis_names:
+      raise ValueError(
+          f"`DataParallel(mesh=...)` must have the axis axis_name="
+          f"{axis_name!r}; the mesh has axes {tuple(mesh.axis_names)}")
+    if (isinstance(accumulation_steps, bool)
+        or not isinstance(accumulation_steps, int) or accumulation_steps < 1):
+      raise ValueError(
+          "`DataParallel(accumulation_steps=...)` must be a positive integer, "
+          f"got {accumulation_steps!r}")
+    strategy_cls = get_strategy(strategy)
+    if jax.process_count() > 1 and strategy_cls.multiprocess_unsupported:
+      raise ValueError(
+          f"`DataParallel(strategy={strategy!r})` cannot run over several "
+          f"processes: {strategy_cls.multiprocess_unsupported}")
+    self._config = StepConfig(
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        mesh=mesh,
+        axis_name=axis_name,
+        has_aux=bool(has_aux),
+        accumulation_steps=accumulation_steps,
+    )
+    self._strategy_name = strategy
+    self._strategy = strategy_cls(self._config)
+
+  @property
+  def strategy(self) -> str:
+    """The strategy's name."""
+    return self._strategy_name
+
+  @property
+  def mesh(self) -> Mesh:
+    return self._config.mesh
+
+  @property
+  def axis_name(self) -> str:
+    return self._config.axis_name
+
+  @property
+  def num_devices(self) -> int:
+    """Devices on the data axis (over all processes): the batch's divisor."""
+    return self._config.num_shards
+
+  @property
+  def accumulation_steps(self) -> int:
+    return self._config.accumulation_steps
+
+  def init(self, params: PyTree) -> tuple[PyTree, PyTree]:
+    """Places ``params`` and creates the optimizer state in the strategy's
+    layout.
+
+    Args:
+      params: a pytree of arrays (numpy or jax), the same value in every
+        process. It is not donated.
+
+    Returns:
+      ``(params, opt_state)`` ready for :meth:`step`.
+    """
+    return self._strategy.init(params)
+
+  def step(self, params: PyTree, opt_state: PyTree, batch: PyTree):
+    """One data-parallel step over a global batch.
+
+    Args:
+      params: params from :meth:`init` or a previous step (donated).
+      opt_state: optimizer state from :meth:`init` or a previous step
+        (donated).
+      batch: a pytree of arrays whose leading dimension is the batch: the
+        global batch in a single-process run, this process's share of it in
+        a multi-process run (or global ``jax.Array``s). Its size must divide
+        by ``num_devices * accumulation_steps``.
+
+    Returns:
+      ``(params, opt_state, loss)``, or ``(params, opt_state, (loss, aux))``
+      with ``has_aux=True``: ``loss`` and ``aux`` are the means over the
+      global batch, replicated jax arrays (``float(loss)`` to read it).
+
+    Raises:
+      ValueError: when the batch leaves have no common leading size or it
+        does not divide over the devices and micro-batches.
+    """
+    params, opt_state, loss, aux = self._strategy.step(
+        params, opt_state, batch)
+    if self._config.has_aux:
+      return params, opt_state, (loss, aux)
+    return params, opt_state, loss
+
+  def lower(self, params: PyTree, opt_state: PyTree,
+            batch: PyTree) -> jax.stages.Lowered:
+    """The step lowered for these arguments (nothing is donated or run).
+
+    ``trainer.lower(...).compile().as_text()`` is the optimized HLO, where the
+    collectives the strategy uses can be read.
+
+    Returns:
+      The ``jax.stages.Lowered`` step.
+    """
+    return self._strategy.lower(params, opt_state, batch)
+
+  def gather(self, tree: PyTree) -> PyTree:
+    """Host numpy copies of params or optimizer state in this layout.
+
+    Args:
+      tree: params or optimizer state from :meth:`init` or :meth:`step`.
+
+    Returns:
+      The same tree of ``np.ndarray`` with the shapes of a single-device run
+      (no device axis); in a multi-process run, the full value in every
+      process.
+    """
+    return self._strategy.gather(tree)
+
+  def __repr__(self) -> str:
+    return (f"DataParallel(strategy={self.strategy!r}, "
+            f"axis_name={self.axis_name!r}, num_devices={self.num_devices}, "
+            f"accumulation_steps={self.accumulation_steps}, "
+            f"has_aux={self._config.has_aux})")
+
+

@@ -1,0 +1,193 @@
+"""Multi-process data parallelism through JAX's own runtime: 2 local processes
+(``jax.distributed`` over 127.0.0.1, gloo collectives), 4 CPU devices each,
+against one process on one device; and the example program, run briefly."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+
+import _mp_worker
+
+HERE = pathlib.Path(__file__).resolve().parent
+EXAMPLE = HERE.parent / "examples" / "data_parallel.py"
+WORKER_TIMEOUT_S = 60
+RTOL = 1e-5
+ATOL = 1e-7
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def clean_env() -> dict:
+  """The parent's environment without its 8-fake-device XLA flag: each child
+  sets up its own devices."""
+  env = dict(os.environ)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 env.get("XLA_FLAGS", "")).strip()
+  if flags:
+    env["XLA_FLAGS"] = flags
+  else:
+    env.pop("XLA_FLAGS", None)
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def run_processes(commands, log_dir: pathlib.Path,
+                  timeout: float = WORKER_TIMEOUT_S) -> list[str]:
+  """Runs ``commands`` at once and returns their stdouts.
+
+  The first process to fail ends the others and raises with its stderr; past
+  ``timeout`` seconds every process is ended and the error shows all stderrs.
+  Never leaves a process behind.
+  """
+  env = clean_env()
+  procs, outs, errs = [], [], []
+  try:
+    for i, command in enumerate(commands):
+      outs.append(log_dir / f"proc{i}.out")
+      errs.append(log_dir / f"proc{i}.err")
+      with open(outs[i], "wb") as out, open(errs[i], "wb") as err:
+        procs.append(subprocess.Popen(command, stdout=out, stderr=err,
+                                      env=env, cwd=HERE.parent))
+    deadline = time.monotonic() + timeout
+    while True:
+      codes = [p.poll() for p in procs]
+      for i, code in enumerate(codes):
+        if code not in (None, 0):
+          raise AssertionError(
+              f"process {i} exited with {code}; its stderr:\n"
+              + _tail(errs[i]))
+      if all(code == 0 for code in codes):
+        return [path.read_text() for path in outs]
+      if time.monotonic() > deadline:
+        raise AssertionError(
+            f"timed out after {timeout}s; still running: "
+            f"{[i for i, c in enumerate(codes) if c is None]}\n"
+            + "\n".join(f"--- process {i} stderr:\n{_tail(e)}"
+                        for i, e in enumerate(errs)))
+      time.sleep(0.05)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+
+
+def _tail(path: pathlib.Path, lines: int = 40) -> str:
+  # Drop the logging noise of the distributed runtime, keep the traceback.
+  text = [l for l in path.read_text(errors="replace").splitlines()
+          if not l.startswith(("[Gloo]", "I0", "W0"))]
+  return "\n".join(text[-lines:])
+
+
+def worker_commands(out_dir, strategies, *, fail_process=None):
+  coordinator = f"127.0.0.1:{free_port()}"
+  return [[sys.executable, str(HERE / "_mp_worker.py"),
+           "--process-id", str(i), "--num-processes", "2",
+           "--coordinator", coordinator, "--local-devices", "4",
+           "--out", str(out_dir), "--timeout", str(WORKER_TIMEOUT_S // 2),
+           "--strategies", *strategies]
+          + (["--fail"] if i == fail_process else [])
+          for i in range(2)]
+
+
+def single_device_reference():
+  params, batches = _mp_worker.make_problem()
+  optimizer = optax.adam(_mp_worker.LEARNING_RATE)
+  device = jax.devices()[0]
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(_mp_worker.loss_fn)(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  params = jax.device_put(params, device)
+  opt_state = optimizer.init(params)
+  losses = []
+  for batch in batches:
+    params, opt_state, loss = step(params, opt_state,
+                                   jax.device_put(batch, device))
+    losses.append(float(loss))
+  return {"losses": np.array(losses),
+          **_mp_worker.flatten("params", params),
+          **_mp_worker.flatten("mu", optax.tree.get(opt_state, "mu")),
+          **_mp_worker.flatten("nu", optax.tree.get(opt_state, "nu"))}
+
+
+STRATEGIES = ("shard_map", "jit", "pmap")
+
+
+def test_two_processes_match_one_device(tmp_path):
+  run_processes(worker_commands(tmp_path, STRATEGIES), tmp_path)
+  reference = single_device_reference()
+  for strategy in STRATEGIES:
+    for process in range(2):
+      with np.load(tmp_path / f"{strategy}-{process}.npz") as f:
+        got = dict(f)
+      assert set(got) == set(reference), strategy
+      # params, mu, nu and the loss of every step, the full value everywhere.
+      chex.assert_trees_all_close(
+          got, reference, rtol=RTOL, atol=ATOL,
+          custom_message=f"strategy={strategy}, process {process}")
+
+
+def test_a_failing_process_ends_the_run(tmp_path):
+  start = time.monotonic()
+  with pytest.raises(AssertionError,
+                     match=r"(?s)process 1 exited.*injected failure in process 1"):
+    run_processes(worker_commands(tmp_path, ["jit"], fail_process=1),
+                  tmp_path)
+  # Process 0 waits on process 1 forever; it was ended, not waited for.
+  assert time.monotonic() - start < WORKER_TIMEOUT_S / 2
+
+
+def test_a_hung_run_times_out(tmp_path):
+  start = time.monotonic()
+  with pytest.raises(AssertionError, match=r"timed out after 2s; still running: "
+                     r"\[0, 1\]"):
+    run_processes(worker_commands(tmp_path, ["jit"]), tmp_path, timeout=2)
+  assert time.monotonic() - start < 10
+
+
+def _example(*args) -> str:
+  return [sys.executable, str(EXAMPLE), "--steps", "30", *args]
+
+
+def _final_loss(stdout: str) -> tuple[float, float]:
+  match = re.search(r"first loss ([\d.e+-]+), final loss ([\d.e+-]+)", stdout)
+  assert match, stdout
+  return float(match[1]), float(match[2])
+
+
+def test_example_single_process(tmp_path):
+  (out,) = run_processes(
+      [_example("--fake-devices", "8", "--strategy", "shard_map",
+                "--accumulation-steps", "2")], tmp_path)
+  assert "8 devices" in out
+  first, final = _final_loss(out)
+  assert final < first
+
+
+def test_example_two_processes(tmp_path):
+  (out,) = run_processes(
+      [_example("--num-processes", "2", "--fake-devices", "4",
+                "--strategy", "jit")], tmp_path)
+  assert "2 processes" in out and "8 devices" in out
+  first, final = _final_loss(out)
+  assert final < first
