@@ -209,12 +209,23 @@ def tree_update(
 
 
 def _split_hyper(hp: _rule.Hyper):
-  """Python floats are static (constants, as optax uses them); arrays are traced."""
-  static = hp._replace(**{k: (v if isinstance(v, float) or v is None else _DYNAMIC)
-                          for k, v in hp._asdict().items()})
-  dynamic = hp._replace(**{k: (None if isinstance(v, float) or v is None else v)
-                           for k, v in hp._asdict().items()})
-  return static, dynamic
+  """Splits hyperparameters into static constants and traced values.
+
+  Python-float betas, eps and threshold stay static: optax folds ``1 - b1``
+  and RAdam's constants in double precision, and so must we for bit parity.
+  The learning rate and weight decay only ever multiply, so they are always
+  traced float32 (same values): changing them never recompiles.
+  """
+  always_traced = ("learning_rate", "weight_decay")
+  static, dynamic = {}, {}
+  for k, v in hp._asdict().items():
+    if v is not None and k in always_traced:
+      v = jnp.asarray(v, jnp.float32) if isinstance(v, float) else v
+    if isinstance(v, float) or v is None:
+      static[k], dynamic[k] = v, None
+    else:
+      static[k], dynamic[k] = _DYNAMIC, v
+  return hp._replace(**static), hp._replace(**dynamic)
 
 
 _DYNAMIC = "dynamic"

@@ -319,3 +319,18 @@ def test_missing_params_and_wrong_state_are_named():
     jadam.amsgrad(1e-3).update(params, jadam.init(params), params)
   with pytest.raises(ValueError, match=r"floating or complex arrays, got dtype int32 at \['i'\]"):
     jadam.init({"i": jnp.ones(3, jnp.int32)})
+
+
+def test_new_float_learning_rate_does_not_recompile_eager_update():
+  """Learning rate and weight decay are traced float32, even from Python floats."""
+  from jadam import _core
+
+  params = {"w": jnp.ones((2, 3))}
+  state = jadam.init(params)
+  jadam.update(params, state, params, learning_rate=1e-3, weight_decay=0.1)
+  size = _core._tree_update_jit._cache_size()
+  for lr in (2e-3, 3e-3, 4e-3):
+    u, _ = jadam.update(params, state, params, learning_rate=lr, weight_decay=lr)
+  assert _core._tree_update_jit._cache_size() == size
+  ref, _ = jax.jit(optax.adamw(4e-3, weight_decay=4e-3).update)(params, optax.adamw(4e-3).init(params), params)
+  chex.assert_trees_all_close(u, ref, rtol=1e-6, atol=0)
