@@ -10,6 +10,7 @@ from ._core import OptimizerSpec as OptimizerSpec
 from ._core import init as init
 from ._core import step as step
 from ._core import update as update
+from ._flat import FlatLayout as FlatLayout
 from ._optimizers import adam as adam
 from ._optimizers import adamax as adamax
 from ._optimizers import adamaxw as adamaxw
@@ -21,7 +22,10 @@ from ._optimizers import nadamw as nadamw
 from ._optimizers import optimizer_spec as optimizer_spec
 from ._optimizers import radam as radam
 from ._optimizers import scale_by_adam as scale_by_adam
+from ._plan import MemoryPlan as MemoryPlan
+from ._plan import memory_plan as memory_plan
 from ._rule import Rule as Rule
+from . import checkpoint as checkpoint
 from . import parallel as parallel
 
 __version__ = "0.1.0"

@@ -1,5 +1,7 @@
-"""Data-parallel training: one trainer over ``pmap``, ``shard_map`` and
-``jit``, on one process or many (``jax.distributed``).
+"""Data-parallel training: one trainer over ``pmap``, ``shard_map``, ``jit``
+and ZeRO (``"zero1"``, ``"zero2"``: optimizer state sharded over the data
+axis), on one process or many (``jax.distributed``); :func:`comm_bytes`
+reads the bytes a step sends from its compiled HLO.
 
 Usage::
 
@@ -16,3 +18,7 @@ from ._common import Strategy as Strategy
 from ._common import available_strategies as available_strategies
 from ._common import register_strategy as register_strategy
 from ._trainer import DataParallel as DataParallel
+from . import _zero  # noqa: F401  (registers the "zero1" and "zero2" strategies)
+from ._comm import CommReport as CommReport
+from ._comm import comm_bytes as comm_bytes
+from ._comm import comm_report as comm_report

@@ -111,7 +111,19 @@ class Strategy(abc.ABC):
     # The step runs under the strategy's own mesh, so a caller's context mesh
     # (say an Explicit one set with `jax.set_mesh`) cannot clash with it.
     with jax.set_mesh(self.context_mesh()):
-      return self.step_fn(params, opt_state, batch)
+      out = self.step_fn(params, opt_state, batch)
+    if self._blocks_each_step:
+      # XLA:CPU runs a collective's participants on a shared thread pool; with
+      # more (fake) devices than cores, several steps dispatched ahead can
+      # starve a rendezvous ("Expected 8 threads ... only 6 arrived") and hang.
+      # On CPU the step is synchronous anyway, so wait for it.
+      jax.block_until_ready(out)
+    return out
+
+  @functools.cached_property
+  def _blocks_each_step(self) -> bool:
+    devices = self.config.mesh.devices.flat
+    return self.config.mesh.size > 1 and all(d.platform == "cpu" for d in devices)
 
   def lower(self, params, opt_state, batch) -> jax.stages.Lowered:
     batch = self.place_batch(batch)

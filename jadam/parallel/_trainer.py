@@ -7,8 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from . import _strategies  # noqa: F401  (registers the built-in strategies)
 from ._common import PyTree
@@ -35,6 +36,10 @@ class DataParallel:
     inserts the all-reduce.
   * ``"pmap"``: ``jax.pmap`` with ``lax.pmean``; params and state carry a
     leading device axis (one replica per local device).
+  * ``"zero1"``, ``"zero2"`` (ZeRO, jadam optimizers only): the optimizer
+    state sharded flat over the data axis, ``1/N`` per device; the step
+    reduce-scatters the gradient, updates each device's slice and
+    all-gathers the params (``jadam/parallel/_zero.py``).
 
   Params and optimizer state passed to :meth:`step` are donated: use the
   returned ones. The step is compiled once per trainer and reused.
@@ -90,9 +95,10 @@ class DataParallel:
         axis types may be ``Explicit`` (``jax.make_mesh``'s default) or
         ``Auto``.
       strategy: one of :func:`available_strategies`: ``"shard_map"``,
-        ``"jit"`` or ``"pmap"``.
+        ``"jit"``, ``"pmap"``, ``"zero1"`` or ``"zero2"``.
       axis_name: the mesh axis the batch is split over; params and state are
-        replicated over every axis.
+        replicated over every axis (ZeRO: the state is split over it, and
+        params keep a ``NamedSharding`` over the other axes).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       accumulation_steps: number of equal micro-batches each device's share
         is split into inside one step (a ``lax.scan`` with one gradient
@@ -140,6 +146,7 @@ class DataParallel:
     )
     self._strategy_name = strategy
     self._strategy = strategy_cls(self._config)
+    self._params_template: PyTree | None = None
 
   @property
   def strategy(self) -> str:
@@ -174,7 +181,40 @@ class DataParallel:
     Returns:
       ``(params, opt_state)`` ready for :meth:`step`.
     """
+    self._params_template = _shape_dtypes(params)
     return self._strategy.init(params)
+
+  @property
+  def params_template(self) -> PyTree | None:
+    """Shapes, dtypes (and shardings) of the params last passed to
+    :meth:`init`, as ``jax.ShapeDtypeStruct`` leaves; ``None`` before."""
+    return self._params_template
+
+  def abstract_state(self, params: PyTree | None = None) -> tuple[PyTree, PyTree]:
+    """``(params, opt_state)`` as :meth:`init` would lay them out, as
+    ``jax.ShapeDtypeStruct`` leaves with shardings; nothing is allocated.
+
+    Restoring a checkpoint into this trainer's mesh and layout reads these
+    (see :class:`jadam.checkpoint.Checkpointer`).
+
+    Args:
+      params: a pytree of arrays or ``jax.ShapeDtypeStruct`` (a param's
+        ``NamedSharding`` counts where the strategy keeps it); default: the
+        params last passed to :meth:`init`.
+
+    Raises:
+      ValueError: when ``params`` is not given and :meth:`init` was never
+        called.
+    """
+    if params is None:
+      params = self._params_template
+      if params is None:
+        raise ValueError(
+            "`DataParallel.abstract_state()` needs `params` (arrays or "
+            "jax.ShapeDtypeStruct) until `init` has been called")
+    params = _shape_dtypes(params)
+    self._params_template = params
+    return _abstract_state(self._strategy, params)
 
   def step(self, params: PyTree, opt_state: PyTree, batch: PyTree):
     """One data-parallel step over a global batch.
@@ -235,3 +275,40 @@ class DataParallel:
             f"has_aux={self._config.has_aux})")
 
 
+def _shape_dtypes(params: PyTree) -> PyTree:
+  """``jax.ShapeDtypeStruct`` leaves (with a leaf's ``NamedSharding``)."""
+
+  def leaf(x):
+    sharding = getattr(x, "sharding", None)
+    dtype = getattr(x, "dtype", None)
+    return jax.ShapeDtypeStruct(
+        np.shape(x), dtype if dtype is not None else np.asarray(x).dtype,
+        sharding=sharding if isinstance(sharding, NamedSharding) else None)
+
+  return jax.tree.map(leaf, params)
+
+
+def _abstract_state(strategy, params: PyTree) -> tuple[PyTree, PyTree]:
+  """A strategy's ``abstract_state`` if it has one, else the layout of the
+  built-in replicated (``shard_map``, ``jit``) and ``pmap`` strategies."""
+  own = getattr(strategy, "abstract_state", None)
+  if own is not None:
+    return own(params)
+  optimizer = strategy.config.optimizer
+  bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  state = jax.eval_shape(optimizer.init, bare)
+  if isinstance(strategy, _strategies.PmapStrategy):
+    n = len(strategy.local_devices)
+    sharding = NamedSharding(strategy._local_mesh,  # pylint: disable=protected-access
+                             jax.sharding.PartitionSpec(strategy.config.axis_name))
+    stack = lambda x: jax.ShapeDtypeStruct((n,) + tuple(x.shape), x.dtype,
+                                           sharding=sharding)
+    return jax.tree.map(stack, bare), jax.tree.map(stack, state)
+  if isinstance(strategy, _strategies._Replicated):  # pylint: disable=protected-access
+    sharding = strategy.replicated()
+    place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.tree.map(place, bare), jax.tree.map(place, state)
+  raise NotImplementedError(
+      f"strategy {type(strategy).__name__} does not describe its layout: give "
+      "it an `abstract_state(params) -> (params, opt_state)` method returning "
+      "jax.ShapeDtypeStruct leaves with shardings")

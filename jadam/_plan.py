@@ -1,0 +1,198 @@
+"""Memory plan: bytes per device of params, gradients and optimizer state for a
+data-parallel strategy, before anything is allocated.
+
+The numbers are those of the arrays the trainer actually makes (a test
+matches them to ``addressable_shards``), ZeRO's padding included:
+
+* **params**: every strategy here keeps a full copy of the params on each
+  device of the data axis (ZeRO stages 1 and 2 shard only state and
+  gradients).
+* **grads**: the gradient each device keeps for its update: the full
+  gradient for plain data parallelism and ZeRO stage 1 (stage 1 reduce-
+  scatters it once per step); for stage 2 only the device's ``1/N`` slice of
+  the reduced gradient (the accumulator, with ``accumulation_steps > 1``).
+  The gradient of one backward pass is full-size in every strategy while it
+  is being computed; like activations, that working memory is not counted.
+  With ``accumulation_steps > 1`` the accumulator is float32 (at least).
+* **opt_state**: the step count and the moments (``mu``, ``nu``, and
+  ``nu_max`` for AMSGrad) in their dtypes: full for plain data parallelism,
+  ``1/N`` of the padded flat buffers for ZeRO.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _rule
+from . import _validate as V
+from ._flat import FlatLayout
+
+PLAIN_STRATEGIES = ("plain", "shard_map", "jit", "pmap")
+ZERO_STRATEGIES = ("zero1", "zero2")
+STRATEGIES = PLAIN_STRATEGIES + ZERO_STRATEGIES
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+  """Bytes per device of one data-parallel configuration.
+
+  Attributes:
+    strategy: the strategy's name.
+    n_devices: devices on the data axis.
+    num_params: parameters in the model (elements of all leaves).
+    params: bytes of params per device.
+    grads: bytes of gradients per device (see :mod:`jadam._plan`).
+    opt_state: bytes of optimizer state per device.
+  """
+
+  strategy: str
+  n_devices: int
+  num_params: int
+  params: int
+  grads: int
+  opt_state: int
+
+  @property
+  def total(self) -> int:
+    """params + grads + opt_state, bytes per device."""
+    return self.params + self.grads + self.opt_state
+
+  def per_param(self, field: str = "total") -> float:
+    """Bytes per parameter per device of ``field`` (``"params"``, ``"grads"``,
+    ``"opt_state"`` or ``"total"``)."""
+    return getattr(self, field) / max(self.num_params, 1)
+
+  def __str__(self) -> str:
+    def fmt(b):
+      return f"{b / 2**20:,.1f} MiB ({b / max(self.num_params, 1):.2f} B/param)"
+
+    return (f"{self.strategy} on {self.n_devices} device(s), "
+            f"{self.num_params:,} params, per device: params {fmt(self.params)}, "
+            f"grads {fmt(self.grads)}, opt_state {fmt(self.opt_state)}, "
+            f"total {fmt(self.total)}")
+
+
+def _itemsize(dtype) -> int:
+  return np.dtype(dtype).itemsize
+
+
+def _leaves(params):
+  out = []
+  for path, x in V.flatten_with_none(params)[0]:
+    if x is None:
+      continue
+    V.check_params_leaf("jadam.memory_plan", path, x)
+    dtype = getattr(x, "dtype", None)
+    out.append((tuple(np.shape(x)), np.dtype(dtype if dtype is not None
+                                              else np.asarray(x).dtype)))
+  return out
+
+
+def memory_plan(
+    params,
+    *,
+    strategy: str,
+    n_devices: int,
+    mu_dtype=None,
+    nu_dtype=None,
+    optimizer=None,
+    accumulation_steps: int = 1,
+) -> MemoryPlan:
+  """Bytes per device of params, gradients and optimizer state.
+
+  Args:
+    params: a pytree of arrays or ``jax.ShapeDtypeStruct`` (only shapes and
+      dtypes are read; nothing is allocated).
+    strategy: ``"plain"`` (``"shard_map"``, ``"jit"`` and ``"pmap"`` are the
+      same), ``"zero1"`` or ``"zero2"``.
+    n_devices: devices on the data axis.
+    mu_dtype: dtype of the first moment (default: each param's).
+    nu_dtype: dtype of the second moment (default: each param's).
+    optimizer: optionally, the optimizer: a jadam optimizer gives the
+      moments (AMSGrad keeps three) and their dtypes (``mu_dtype`` and
+      ``nu_dtype``, when given, take precedence); for a plain strategy any
+      optax optimizer's state is measured with ``jax.eval_shape``. Default:
+      Adam's two moments.
+    accumulation_steps: micro-batches per step (``> 1``: the gradient
+      accumulator is at least float32).
+
+  Returns:
+    A :class:`MemoryPlan`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jadam
+    >>> params = {"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)}
+    >>> plan = jadam.memory_plan(params, strategy="zero1", n_devices=8)
+    >>> plan.per_param("opt_state")  # 8 bytes of moments over 8 devices
+    1.0
+  """
+  V.check_choice("jadam.memory_plan", "strategy", strategy, STRATEGIES)
+  if (isinstance(n_devices, bool) or not isinstance(n_devices, (int, np.integer))
+      or n_devices < 1):
+    raise ValueError("`jadam.memory_plan(n_devices=...)` must be a positive "
+                     f"integer, got {n_devices!r}")
+  if (isinstance(accumulation_steps, bool)
+      or not isinstance(accumulation_steps, (int, np.integer)) or accumulation_steps < 1):
+    raise ValueError("`jadam.memory_plan(accumulation_steps=...)` must be a "
+                     f"positive integer, got {accumulation_steps!r}")
+  mu_dtype = V.check_dtype("jadam.memory_plan", "mu_dtype", mu_dtype)
+  nu_dtype = V.check_dtype("jadam.memory_plan", "nu_dtype", nu_dtype)
+  n = int(n_devices)
+  leaves = _leaves(params)
+  num_params = sum(math.prod(s) for s, _ in leaves)
+  params_bytes = sum(math.prod(s) * dt.itemsize for s, dt in leaves)
+
+  spec = None
+  if optimizer is not None:
+    from ._optimizers import optimizer_spec  # pylint: disable=import-outside-toplevel
+
+    spec = optimizer_spec(optimizer)
+  rule = spec.rule if spec is not None else _rule.Rule("adam")
+  mu_dtype = mu_dtype or (spec.mu_dtype if spec is not None else None)
+  nu_dtype = nu_dtype or (spec.nu_dtype if spec is not None else None)
+
+  def moment_dtype(name, dtype):
+    return (mu_dtype if name == "mu" else nu_dtype) or dtype
+
+  def grad_dtype(dtype):
+    if accumulation_steps > 1:
+      return np.dtype(jnp.promote_types(dtype, jnp.float32))
+    return dtype
+
+  count_bytes = np.dtype(np.int32).itemsize
+  if strategy in PLAIN_STRATEGIES:
+    grads = sum(math.prod(s) * grad_dtype(dt).itemsize for s, dt in leaves)
+    if optimizer is not None and spec is None:
+      state = jax.eval_shape(optimizer.init, jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params))
+      opt_state = sum(math.prod(x.shape) * _itemsize(x.dtype)
+                      for x in jax.tree.leaves(state))
+    else:
+      opt_state = count_bytes + sum(
+          math.prod(s) * _itemsize(moment_dtype(name, dt))
+          for s, dt in leaves for name in rule.moment_names)
+    return MemoryPlan("plain" if strategy == "plain" else strategy, n,
+                      num_params, params_bytes, grads, opt_state)
+
+  if optimizer is not None and spec is None:
+    raise ValueError(
+        f"`jadam.memory_plan(strategy={strategy!r})` needs a jadam optimizer "
+        f"(ZeRO applies a jadam rule to flat slices), got {optimizer!r}")
+  from .parallel._zero import zero_pad_multiple  # pylint: disable=import-outside-toplevel
+
+  layout = FlatLayout.from_tree(
+      [jax.ShapeDtypeStruct(s, dt) for s, dt in leaves],
+      pad_multiple=zero_pad_multiple(n))
+  opt_state = count_bytes + sum(
+      b.length // n * _itemsize(moment_dtype(name, b.dtype))
+      for b in layout.buffers for name in rule.moment_names)
+  if strategy == "zero1":
+    grads = sum(math.prod(s) * grad_dtype(dt).itemsize for s, dt in leaves)
+  else:
+    grads = sum(b.length // n * grad_dtype(b.dtype).itemsize for b in layout.buffers)
+  return MemoryPlan(strategy, n, num_params, params_bytes, grads, opt_state)

@@ -1,0 +1,557 @@
+"""The benchmark harness: cases, implementations, timing, table, JSON and plot.
+
+Method (the same for every case and implementation):
+
+* Every JAX step is ``jax.jit(step, donate_argnums=(0, 1))`` (params and
+  optimizer state donated), compiled ahead of time; ``compile_s`` is trace +
+  lower + compile of that step.
+* After warm-up, the implementations run interleaved: round after round, each
+  runs a few steps, so all see the same machine load. Each step is timed to
+  completion (``block_until_ready``); ``median_ms`` is the median over all
+  timed steps (at least 20 by default).
+* A reference in-place read+write of one large float32 buffer (a donated
+  ``-x``) is interleaved in the same rounds: its rate is the measured
+  memory-copy bandwidth ``copy_gb_per_s`` (bytes read + written per second).
+* ``gb_per_s`` is a model, not a counter: ``bytes_per_param * n_params /
+  median time``, with 28 bytes per float32 param for Adam (read p, g, m, v;
+  write p, m, v: the least a one-pass fused step can move).
+  ``bandwidth_fraction`` is ``gb_per_s / copy_gb_per_s``.
+* ``peak_bytes`` (JAX) is the compiled step's static buffer assignment from
+  ``compiled.memory_analysis()``: arguments + outputs - donated aliases +
+  temporaries. For torch it is the CUDA allocator's peak on GPU, else None.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jadam
+from jadam._flat import FlatLayout
+
+LEARNING_RATE = 1e-3
+ADAM_BYTES_PER_PARAM = 28  # float32: read p, g, m, v; write p, m, v.
+SGD_BYTES_PER_PARAM = 12  # float32: read p, g; write p.
+
+IMPLS = (
+    "optax",
+    "jadam_tree",
+    "jadam_flat_tree_io",
+    "jadam_flat",
+    "torch_fused",
+    "torch_foreach",
+    "optax_sgd",
+)
+IMPL_HELP = {
+    "optax": "optax.adam + optax.apply_updates",
+    "jadam_tree": "jadam.adam (tree layout) + optax.apply_updates",
+    "jadam_flat_tree_io": "jadam.adam(layout='flat'): tree grads in, tree updates out",
+    "jadam_flat": "jadam.step on packed params/grads/state (flat end to end)",
+    "torch_fused": "torch.optim.Adam(fused=True)",
+    "torch_foreach": "torch.optim.Adam(foreach=True)",
+    "optax_sgd": ("reference, not Adam: optax.sgd + optax.apply_updates, the cheapest "
+                  "tree-in/tree-out step (no state); its time is the per-leaf floor"),
+}
+
+
+# ------------------------------------------------------------------- cases
+
+
+class Case(NamedTuple):
+  name: str  # "a" ... "e"
+  title: str
+  kind: str  # "optimizer": one optimizer step on given grads; "train": forward+backward+update
+  shapes: list[tuple[int, ...]] | None  # param leaf shapes (optimizer cases)
+  model: dict | None  # TransformerLM config and batch (train case)
+
+
+def _transformer_shapes(vocab, d, layers, ff, ctx) -> list[tuple[int, ...]]:
+  """Leaf shapes of a GPT-like model: embeddings, attention and MLP matrices,
+  biases and norms (16 leaves per layer)."""
+  shapes = [(vocab, d), (ctx, d)]
+  for _ in range(layers):
+    shapes += [(d,), (d,)]  # norm scale, bias
+    shapes += [(d, d), (d,)] * 4  # q, k, v, out projections
+    shapes += [(d,), (d,)]  # norm scale, bias
+    shapes += [(d, ff), (ff,), (ff, d), (d,)]  # MLP
+  shapes += [(d,), (d,)]  # final norm
+  return shapes
+
+
+def make_cases(quick: bool, device: str) -> dict[str, Case]:
+  """The five cases at full (or ``quick``) size; case (d) is ~1B params on GPU."""
+  if quick:  # a smoke test of every code path: seconds, dominated by compiling
+    a = [(1 << 16,)]
+    b = _transformer_shapes(256, 32, 1, 128, 64)
+    c = [(100,)] * 64
+    d = _transformer_shapes(512, 256, 1, 512, 64)
+    e = dict(vocab=64, d_model=16, num_layers=1, num_heads=2, d_ff=64, seq_len=16, batch=2)
+  else:
+    a = [(1 << 24,)]
+    b = _transformer_shapes(4096, 320, 12, 1280, 512)
+    c = [(1000,)] * 2000
+    if device == "gpu":
+      d = _transformer_shapes(8192, 2048, 20, 8192, 2048)
+    else:
+      d = _transformer_shapes(2048, 768, 14, 3072, 512)
+    e = dict(vocab=2048, d_model=256, num_layers=4, num_heads=4, d_ff=1024, seq_len=64, batch=8)
+  return {
+      "a": Case("a", "one leaf", "optimizer", a, None),
+      "b": Case("b", "transformer-like tree", "optimizer", b, None),
+      "c": Case("c", "many small leaves", "optimizer", c, None),
+      "d": Case("d", "large model", "optimizer", d, None),
+      "e": Case("e", "Flax transformer train step", "train", None, e),
+  }
+
+
+CASES = ("a", "b", "c", "d", "e")
+
+
+# ------------------------------------------------------------------ runners
+
+
+class Runner:
+  """One implementation on one case: ``step()`` runs one complete step."""
+
+  compile_s: float | None = None
+  peak_bytes: int | None = None
+  peak_source: str | None = None
+
+  def step(self) -> None:
+    raise NotImplementedError
+
+  def close(self) -> None:
+    pass
+
+
+def _peak_from_memory_analysis(compiled) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes
+             - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
+class JaxRunner(Runner):
+  """A donated, ahead-of-time compiled step ``fn(carry0, carry1, *rest) -> (carry0, carry1, ...)``."""
+
+  def __init__(self, fn: Callable, args: tuple, n_carry: int = 2):
+    t0 = time.perf_counter()
+    jitted = jax.jit(fn, donate_argnums=tuple(range(n_carry)))
+    self._compiled = jitted.lower(*args).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.peak_bytes = _peak_from_memory_analysis(self._compiled)
+    self.peak_source = "xla memory_analysis"
+    self._args = list(args)
+    self._n_carry = n_carry
+
+  def step(self) -> None:
+    out = self._compiled(*self._args)
+    jax.block_until_ready(out)
+    self._args[:self._n_carry] = out[:self._n_carry]
+
+  def close(self) -> None:
+    self._args = None
+    self._compiled = None
+
+
+class TorchRunner(Runner):
+  """``torch.optim.Adam(fused=True)`` or ``(foreach=True)`` on fixed gradients."""
+
+  def __init__(self, params: list[np.ndarray], grads: list[np.ndarray], mode: str, device: str):
+    import torch  # pylint: disable=import-outside-toplevel
+
+    self._torch = torch
+    self._cuda = device == "gpu"
+    dev = "cuda" if self._cuda else "cpu"
+    self._params = []
+    for p, g in zip(params, grads):
+      t = torch.from_numpy(np.array(p)).to(dev).requires_grad_(True)
+      t.grad = torch.from_numpy(np.array(g)).to(dev)
+      self._params.append(t)
+    self._opt = torch.optim.Adam(
+        self._params, lr=LEARNING_RATE, fused=(mode == "fused"), foreach=(mode == "foreach")
+    )
+    if self._cuda:
+      torch.cuda.reset_peak_memory_stats()
+      self.peak_source = "torch.cuda.max_memory_allocated"
+
+  def step(self) -> None:
+    self._opt.step()
+    if self._cuda:
+      self._torch.cuda.synchronize()
+
+  def peak(self) -> int | None:
+    return int(self._torch.cuda.max_memory_allocated()) if self._cuda else None
+
+  def close(self) -> None:
+    self._opt = None
+    self._params = None
+
+
+def torch_available() -> bool:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def _optimizer_step(tx):
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def _flat_step(grads_packed_unused=None):
+  del grads_packed_unused
+
+  def step(packed, state, grads):
+    return jadam.step(grads, state, packed, learning_rate=LEARNING_RATE)
+  return step
+
+
+def _random_tree(shapes, seed: int, scale: float, device):
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  return {
+      f"p{i:04d}": jax.device_put(scale * jax.random.normal(k, s, jnp.float32), device)
+      for i, (k, s) in enumerate(zip(keys, shapes))
+  }
+
+
+def _copy(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
+def build_optimizer_runners(case: Case, impls, device, jax_device) -> tuple[dict, int, int]:
+  """Runners for an optimizer-only case; returns (runners, n_params, n_leaves)."""
+  params = _random_tree(case.shapes, 0, 0.02, jax_device)
+  grads = _random_tree(case.shapes, 1, 1e-3, jax_device)
+  runners = {}
+  for impl in impls:
+    if impl == "optax":
+      tx = optax.adam(LEARNING_RATE)
+      p = _copy(params)
+      runners[impl] = JaxRunner(_optimizer_step(tx), (p, tx.init(p), grads))
+    elif impl == "jadam_tree":
+      tx = jadam.adam(LEARNING_RATE)
+      p = _copy(params)
+      runners[impl] = JaxRunner(_optimizer_step(tx), (p, tx.init(p), grads))
+    elif impl == "jadam_flat_tree_io":
+      tx = jadam.adam(LEARNING_RATE, layout="flat")
+      p = _copy(params)
+      runners[impl] = JaxRunner(_optimizer_step(tx), (p, tx.init(p), grads))
+    elif impl == "jadam_flat":
+      layout = FlatLayout.from_tree(params)
+      packed = jax.jit(layout.pack)(params)
+      runners[impl] = JaxRunner(
+          _flat_step(), (packed, jadam.init(packed), jax.jit(layout.pack)(grads))
+      )
+    elif impl == "optax_sgd":
+      tx = optax.sgd(LEARNING_RATE)
+      p = _copy(params)
+      runners[impl] = JaxRunner(_optimizer_step(tx), (p, tx.init(p), grads))
+    elif impl in ("torch_fused", "torch_foreach"):
+      leaves_p = [np.asarray(x) for x in jax.tree.leaves(params)]
+      leaves_g = [np.asarray(x) for x in jax.tree.leaves(grads)]
+      runners[impl] = TorchRunner(leaves_p, leaves_g, impl.split("_")[1], device)
+    else:
+      raise ValueError(f"unknown implementation {impl!r}")
+  n_params = sum(math.prod(s) for s in case.shapes)
+  return runners, n_params, len(case.shapes)
+
+
+def build_train_runners(case: Case, impls, jax_device) -> tuple[dict, int, int]:
+  """Runners for the full Flax training step (forward, backward, update)."""
+  from . import _model  # pylint: disable=import-outside-toplevel  (needs flax)
+
+  cfg = dict(case.model)
+  batch = cfg.pop("batch")
+  model = _model.TransformerLM(**cfg)
+  tokens = jax.device_put(
+      jax.random.randint(jax.random.key(2), (batch, cfg["seq_len"]), 0, cfg["vocab"]), jax_device
+  )
+  params = jax.device_put(model.init(jax.random.key(0), tokens), jax_device)
+
+  def loss(p, toks):
+    return _model.next_token_loss(model, p, toks)
+
+  def tree_step(tx):
+    def step(p, state, toks):
+      value, grads = jax.value_and_grad(loss)(p, toks)
+      updates, state = tx.update(grads, state, p)
+      return optax.apply_updates(p, updates), state, value
+    return step
+
+  runners = {}
+  for impl in impls:
+    if impl in ("optax", "jadam_tree", "jadam_flat_tree_io"):
+      tx = {
+          "optax": lambda: optax.adam(LEARNING_RATE),
+          "jadam_tree": lambda: jadam.adam(LEARNING_RATE),
+          "jadam_flat_tree_io": lambda: jadam.adam(LEARNING_RATE, layout="flat"),
+      }[impl]()
+      p = _copy(params)
+      runners[impl] = JaxRunner(tree_step(tx), (p, tx.init(p), tokens))
+    elif impl == "jadam_flat":
+      layout = FlatLayout.from_tree(params)
+
+      def flat_step(packed, state, toks, layout=layout):
+        value, grads = jax.value_and_grad(lambda q: loss(layout.unpack(q), toks))(packed)
+        packed, state = jadam.step(grads, state, packed, learning_rate=LEARNING_RATE)
+        return packed, state, value
+
+      packed = jax.jit(layout.pack)(params)
+      runners[impl] = JaxRunner(flat_step, (packed, jadam.init(packed), tokens))
+    # torch has no Flax model: the train case is JAX only.
+  leaves = jax.tree.leaves(params)
+  return runners, sum(x.size for x in leaves), len(leaves)
+
+
+# ------------------------------------------------------------------ timing
+
+
+def _interleaved_times(runners: dict[str, Runner], steps: int, rounds: int,
+                       warmup: int, progress) -> dict[str, list[float]]:
+  for r in runners.values():
+    for _ in range(warmup):
+      r.step()
+  per_round = max(1, -(-steps // rounds))
+  times: dict[str, list[float]] = {k: [] for k in runners}
+  for _ in range(rounds):
+    for name, r in runners.items():
+      for _ in range(per_round):
+        t0 = time.perf_counter()
+        r.step()
+        times[name].append(time.perf_counter() - t0)
+    progress()
+  return times
+
+
+def _copy_runner(n_elements: int, jax_device) -> JaxRunner:
+  x = jax.device_put(jnp.ones((n_elements,), jnp.float32), jax_device)
+  return JaxRunner(lambda x, y: (-x, y), (x, jnp.zeros((), jnp.float32)))
+
+
+def run(
+    cases=CASES,
+    impls=IMPLS,
+    *,
+    quick: bool = False,
+    device: str = "cpu",
+    steps: int | None = None,
+    rounds: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+  """Runs the benchmark and returns one record per (case, implementation).
+
+  Args:
+    cases: case names among :data:`CASES`.
+    impls: implementation names among :data:`IMPLS`; torch ones are skipped
+      (with a note) when torch is not importable.
+    quick: tiny sizes and few steps (a smoke test, not a measurement).
+    device: ``"cpu"`` or ``"gpu"``.
+    steps: timed steps per implementation (default 25; 6 with ``quick``).
+    rounds: interleaving rounds (default 5; 2 with ``quick``).
+    log: where progress notes go.
+
+  Returns:
+    Records with keys ``case, impl, median_ms, speedup_vs_optax, compile_s,
+    gb_per_s, bandwidth_fraction, peak_bytes`` and context (``n_params``,
+    ``n_leaves``, ``bytes_per_param``, ``copy_gb_per_s``, ``steps``,
+    ``device``, ``peak_source``, ``title``).
+  """
+  if device not in ("cpu", "gpu"):
+    raise ValueError(f"`device` must be 'cpu' or 'gpu', got {device!r}")
+  try:
+    jax_device = jax.devices(device)[0]
+  except RuntimeError as e:
+    raise SystemExit(f"jadam.bench: no JAX {device} device ({e})") from None
+  # Idle OpenMP threads that spin starve everything else on a small shared
+  # machine (torch's small steps ran 50x slower with the default policy here).
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  steps = steps or (6 if quick else 25)
+  rounds = rounds or (2 if quick else 5)
+  all_cases = make_cases(quick, device)
+  unknown = [c for c in cases if c not in all_cases] + [i for i in impls if i not in IMPLS]
+  if unknown:
+    raise ValueError(f"unknown cases/implementations {unknown}; cases: {CASES}, impls: {IMPLS}")
+  if not torch_available():
+    dropped = [i for i in impls if i.startswith("torch")]
+    if dropped:
+      log(f"note: torch is not installed; skipping {', '.join(dropped)}")
+    impls = [i for i in impls if not i.startswith("torch")]
+  copy_elems = (1 << 20) if quick else (1 << 28 if device == "gpu" else 1 << 26)
+
+  try:
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm(total=len(cases) * rounds, desc="jadam.bench", disable=None, file=sys.stderr)
+  except ImportError:
+    bar = None
+
+  records = []
+  with jax.default_device(jax_device):
+    for name in cases:
+      case = all_cases[name]
+      if bar is not None:
+        bar.set_postfix_str(f"case {name}: compiling")
+      if case.kind == "train":
+        runners, n_params, n_leaves = build_train_runners(
+            case, [i for i in impls if not i.startswith("torch")], jax_device)
+      else:
+        runners, n_params, n_leaves = build_optimizer_runners(case, impls, device, jax_device)
+      runners["_copy"] = _copy_runner(copy_elems, jax_device)
+      if bar is not None:
+        bar.set_postfix_str(f"case {name}: timing")
+      times = _interleaved_times(
+          runners, steps, rounds, warmup=2,
+          progress=(lambda: None) if bar is None else (lambda: bar.update(1)),
+      )
+      copy_s = statistics.median(times.pop("_copy"))
+      copy_gbs = 2 * 4 * copy_elems / copy_s / 1e9
+      runners.pop("_copy").close()
+      base = statistics.median(times["optax"]) if "optax" in times else None
+      for impl, ts in times.items():
+        r = runners[impl]
+        med = statistics.median(ts)
+        peak = r.peak() if isinstance(r, TorchRunner) else r.peak_bytes
+        model_bytes = SGD_BYTES_PER_PARAM if impl == "optax_sgd" else ADAM_BYTES_PER_PARAM
+        gbs = model_bytes * n_params / med / 1e9 if case.kind == "optimizer" else None
+        records.append(dict(
+            case=name, impl=impl, median_ms=med * 1e3,
+            speedup_vs_optax=(base / med) if base else None,
+            compile_s=r.compile_s, gb_per_s=gbs,
+            bandwidth_fraction=(gbs / copy_gbs) if gbs is not None else None,
+            peak_bytes=peak, title=case.title, n_params=int(n_params), n_leaves=int(n_leaves),
+            bytes_per_param=model_bytes if case.kind == "optimizer" else None,
+            copy_gb_per_s=copy_gbs, steps=len(ts), device=str(jax_device),
+            peak_source=r.peak_source,
+        ))
+        r.close()
+      del runners
+  if bar is not None:
+    bar.close()
+  return records
+
+
+# ----------------------------------------------------------------- output
+
+
+def _fmt(x, spec: str) -> str:
+  return "-" if x is None else format(x, spec)
+
+
+def format_table(records: list[dict]) -> str:
+  """A fixed-width text table (also valid Markdown)."""
+  head = ("case", "impl", "params", "leaves", "median ms", "vs optax", "compile s",
+          "GB/s (model)", "of copy BW", "peak MB")
+  rows = [head]
+  for r in records:
+    rows.append((
+        f"({r['case']}) {r['title']}", r["impl"], f"{r['n_params'] / 1e6:.2f}M",
+        str(r["n_leaves"]), _fmt(r["median_ms"], ".2f"),
+        _fmt(r["speedup_vs_optax"], ".2f") + ("x" if r["speedup_vs_optax"] else ""),
+        _fmt(r["compile_s"], ".2f"), _fmt(r["gb_per_s"], ".2f"),
+        "-" if r["bandwidth_fraction"] is None else f"{100 * r['bandwidth_fraction']:.0f}%",
+        "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}",
+    ))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+  lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+  lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  return "\n".join(lines)
+
+
+def save_plot(records: list[dict], path: str) -> None:
+  """A grouped bar chart of speed-up vs optax per case (log scale), as PNG."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  cases = list(dict.fromkeys(r["case"] for r in records))
+  impls = [i for i in IMPLS if any(r["impl"] == i for r in records)]
+  fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases) + 2), 4.5))
+  width = 0.8 / max(1, len(impls))
+  for j, impl in enumerate(impls):
+    xs, ys = [], []
+    for i, c in enumerate(cases):
+      r = next((r for r in records if r["case"] == c and r["impl"] == impl), None)
+      if r is not None and r["speedup_vs_optax"]:
+        xs.append(i + (j - (len(impls) - 1) / 2) * width)
+        ys.append(r["speedup_vs_optax"])
+    ax.bar(xs, ys, width, label=impl)
+  ax.axhline(1.0, color="k", lw=0.8)
+  ax.set_yscale("log")
+  titles = {r["case"]: r["title"] for r in records}
+  ax.set_xticks(range(len(cases)), [f"({c}) {titles[c]}" for c in cases], fontsize=8)
+  ax.set_ylabel("speed-up vs optax.adam (same run)")
+  ax.set_title(f"jadam.bench on {records[0]['device'] if records else '?'}")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _parse_list(s: str, allowed) -> list[str]:
+  out = [x.strip() for x in s.split(",") if x.strip()]
+  bad = [x for x in out if x not in allowed]
+  if bad:
+    raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {','.join(allowed)}")
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Command line: ``python -m jadam.bench [--quick] [--json PATH] [--plot PATH] ...``."""
+  parser = argparse.ArgumentParser(
+      prog="python -m jadam.bench",
+      description="One Adam step: jadam (tree, flat) against optax and torch, in one run.",
+      epilog="implementations: " + "; ".join(f"{k}: {v}" for k, v in IMPL_HELP.items()),
+  )
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny sizes and few steps (a smoke test, seconds)")
+  parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+  parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of speed-ups")
+  parser.add_argument("--cases", type=lambda s: _parse_list(s, CASES), default=list(CASES),
+                      help="comma-separated cases among a,b,c,d,e (default: all)")
+  parser.add_argument("--impls", type=lambda s: _parse_list(s, IMPLS), default=list(IMPLS),
+                      help="comma-separated implementations (default: all available)")
+  parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="timed steps per implementation (default 25, quick 6)")
+  args = parser.parse_args(argv)
+  impls = args.impls
+  if "optax" not in impls:
+    impls = ["optax"] + impls  # the baseline of every ratio
+  t0 = time.perf_counter()
+  print(f"jadam.bench  {datetime.date.today().isoformat()}  jax {jax.__version__}  "
+        f"optax {optax.__version__}  {platform.machine()} {os.cpu_count()} CPU cores  "
+        f"device {args.device}{'  (quick)' if args.quick else ''}", flush=True)
+  records = run(args.cases, impls, quick=args.quick, device=args.device, steps=args.steps)
+  print(format_table(records))
+  copies = {r["case"]: r["copy_gb_per_s"] for r in records}
+  print("measured copy bandwidth (GB/s, read+write): "
+        + ", ".join(f"({c}) {v:.1f}" for c, v in copies.items()))
+  print(f"total {time.perf_counter() - t0:.0f} s")
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(records, f, indent=1)
+  if args.plot:
+    save_plot(records, args.plot)
+  return 0

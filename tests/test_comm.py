@@ -1,0 +1,183 @@
+"""jadam.parallel.comm_bytes: the HLO collective parser on hand-written HLO (every
+spelling of replica groups, loops, async pairs, tuples) and on every
+strategy's compiled step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jadam
+import jadam.parallel
+from jadam.parallel import _comm
+from test_parallel import init_params
+from test_parallel import make_batches
+from test_parallel import mse
+
+HLO = """\
+HloModule jit_step, is_scheduled=true, entry_computation_layout={(f32[1024]{0})->f32[1024]{0}}, num_partitions=8
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%body (p: (s32[], f32[1024])) -> (s32[], f32[1024]) {
+  %p = (s32[], f32[1024]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[1024]{0} get-tuple-element(%p), index=1
+  %rs = f32[128]{0} reduce-scatter(%x), channel_id=1, replica_groups=[1,8]<=[8], use_global_device_ids=true, dimensions={0}, to_apply=%add
+  %ag = f32[1024]{0} all-gather(%rs), channel_id=2, replica_groups=[1,8]<=[8], dimensions={0}, use_global_device_ids=true
+  ROOT %t = (s32[], f32[1024]{0}) tuple(%i, %ag)
+}
+
+%cond (p: (s32[], f32[1024])) -> pred[] {
+  %p = (s32[], f32[1024]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%wrapped_rs (w: f32[1024]) -> f32[256] {
+  %w = f32[1024]{0} parameter(0)
+  ROOT %r = f32[256]{0} reduce-scatter(%w), channel_id=7, replica_groups={{0,1,2,3},{4,5,6,7}}, use_global_device_ids=true, dimensions={0}, to_apply=%add
+}
+
+ENTRY %main (a: f32[1024], b: bf16[4,256], c: f32[128]) -> f32[1024] {
+  %a = f32[1024]{0} parameter(0)
+  %b = bf16[4,256]{1,0} parameter(1)
+  %c = f32[128]{0} parameter(2)
+  %ar = (f32[1024]{0}, bf16[4,256]{1,0}) all-reduce(%a, %b), channel_id=3, replica_groups={{0,1,2,3},{4,5,6,7}}, use_global_device_ids=true, to_apply=%add
+  %ags = (f32[128]{0}, f32[512]{0}) all-gather-start(%c), channel_id=4, replica_groups=mesh['x'=4,'y'=2] {'x'}, dimensions={0}, use_global_device_ids=true
+  %agd = f32[512]{0} all-gather-done(%ags)
+  %cp = f32[1024]{0} collective-permute(%a), channel_id=5, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[1024]{0}) tuple(%zero, %a)
+  %w = (s32[], f32[1024]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"},"known_init_step":{"init":"0","step":"1"}}
+  %a2a = f32[1024]{0} all-to-all(%a), channel_id=6, replica_groups=[2,4]<=[4,2]T(1,0), dimensions={0}
+  %as = ((f32[1024]{0}), f32[256]{0}) async-start(%a), calls=%wrapped_rs
+  %ad = f32[256]{0} async-done(%as), calls=%wrapped_rs
+  %ar1 = f32[] all-reduce(%zero), replica_groups={}, to_apply=%add
+  ROOT %out = f32[1024]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_parses_every_collective():
+  report = _comm.parse_hlo_collectives(HLO)
+  assert report.num_devices == 8
+  assert report.unknown_trip_counts == ()
+  by_name = {c.name: c for c in report.collectives}
+  assert set(by_name) == {"ar", "ags", "cp", "rs", "ag", "a2a", "r", "ar1"}
+
+  ar = by_name["ar"]  # a tuple of f32 and bf16 operands, groups of 4
+  assert ar.kind == "all-reduce" and ar.group_size == 4
+  assert ar.operand_bytes == 1024 * 4 + 4 * 256 * 2
+  assert ar.bytes_sent == 2 * 3 / 4 * ar.operand_bytes
+
+  ags = by_name["ags"]  # async pair counted once, mesh-axes groups
+  assert ags.kind == "all-gather" and ags.group_size == 4
+  assert ags.bytes_sent == 3 * 128 * 4
+
+  cp = by_name["cp"]  # a ring: every device sends its buffer once
+  assert cp.kind == "collective-permute" and cp.bytes_sent == 4096
+
+  rs, ag = by_name["rs"], by_name["ag"]  # in a loop of 5 iterations
+  assert rs.count == ag.count == 5 and rs.computation == "body"
+  assert rs.bytes_sent == 5 * 7 / 8 * 4096
+  assert ag.bytes_sent == 5 * 7 * 128 * 4
+
+  a2a = by_name["a2a"]  # iota groups with a transpose: [2,4] -> size 4
+  assert a2a.group_size == 4 and a2a.bytes_sent == 3 / 4 * 4096
+
+  r = by_name["r"]  # wrapped in async-start/async-done: counted once
+  assert r.kind == "reduce-scatter" and r.count == 1
+  assert r.bytes_sent == 3 / 4 * 4096
+
+  ar1 = by_name["ar1"]  # empty groups: every device
+  assert ar1.group_size == 8 and ar1.bytes_sent == 2 * 7 / 8 * 4
+
+  assert report.bytes_per_device == round(sum(c.bytes_sent for c in report.collectives))
+  assert report.by_kind["reduce-scatter"] == round(rs.bytes_sent + r.bytes_sent)
+  assert "total per device" in str(report)
+
+
+@pytest.mark.parametrize("groups,size", [
+    ("{{0,1,2,3,4,5,6,7}}", 8),
+    ("{{0,2},{1,3},{4,6},{5,7}}", 2),
+    ("{}", 8),
+    ("[4,2]<=[8]", 2),
+    ("[2,4]<=[4,2]T(1,0)", 4),
+    ("[8]<=[8]", 8),
+    ("mesh['axis_0'=8] {'axis_0'}", 8),
+    ("mesh['axis_0'=1,'axis_1'=8] {'axis_1'}", 8),
+    ("mesh['a'=4,'b'=2] {'a','b'}", 8),
+    ("mesh['a'=8] {'a':(1)2}", 2),
+])
+def test_group_sizes(groups, size):
+  assert _comm._group_size(groups, 8) == size  # pylint: disable=protected-access
+
+
+def test_unknown_trip_count_is_reported():
+  text = HLO.replace(', backend_config={"known_trip_count":{"n":"5"},'
+                     '"known_init_step":{"init":"0","step":"1"}}', "")
+  report = _comm.parse_hlo_collectives(text)
+  assert report.unknown_trip_counts == ("w",)
+  assert {c.count for c in report.collectives if c.computation == "body"} == {1}
+
+
+def test_send_model_of_a_group_of_one_is_zero():
+  text = HLO.replace("replica_groups={}", "replica_groups={{0},{1},{2},{3},{4},{5},{6},{7}}")
+  by_name = {c.name: c for c in _comm.parse_hlo_collectives(text).collectives}
+  assert by_name["ar1"].group_size == 1 and by_name["ar1"].bytes_sent == 0
+
+
+def test_needs_an_entry():
+  with pytest.raises(ValueError, match="no ENTRY"):
+    _comm.parse_hlo_collectives("HloModule m\n")
+
+
+@pytest.mark.parametrize("strategy", jadam.parallel.available_strategies())
+def test_every_strategy(strategy):
+  mesh = jax.make_mesh((8,), ("data",))
+  trainer = jadam.parallel.DataParallel(mse, jadam.adamw(1e-2), mesh,
+                                        strategy=strategy, accumulation_steps=2)
+  params, opt_state = trainer.init(init_params())
+  batch = make_batches(1)[0]
+  report = jadam.parallel.comm_report(trainer, params, opt_state, batch)
+  assert isinstance(report, jadam.parallel.CommReport)
+  num_params = sum(x.size for x in jax.tree.leaves(init_params()))
+  got = jadam.parallel.comm_bytes(trainer, params, opt_state, batch)
+  assert got == report.bytes_per_device
+  # At least the all-reduce of a float32 gradient: 2 (n - 1) / n of it.
+  assert got >= 2 * 7 / 8 * 4 * num_params
+  # Reading the HLO ran and donated nothing.
+  params, opt_state, loss = trainer.step(params, opt_state, batch)
+  assert np.isfinite(float(loss))
+
+
+def test_counts_what_xla_runs_not_what_was_written():
+  # A bfloat16 gradient all-reduce: XLA's CPU backend promotes it to float32
+  # (the reduction computation is renamed "..._promoted"), so on CPU it sends
+  # as many bytes as a float32 one. comm_bytes reads the compiled program and
+  # says so; an estimate from the params' dtype would say half.
+  mesh = jax.make_mesh((8,), ("data",))
+  params = {"w": np.zeros((64, 256), np.float32)}
+  loss = lambda p, b: jnp.mean((b @ p["w"].astype(b.dtype)) ** 2)  # noqa: E731
+  reports = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    trainer = jadam.parallel.DataParallel(loss, jadam.adam(1e-3), mesh,
+                                          strategy="shard_map")
+    p, s = trainer.init(jax.tree.map(lambda x: x.astype(dtype), params))
+    reports[dtype] = jadam.parallel.comm_report(
+        trainer, p, s, np.ones((8, 64), np.float32).astype(dtype))
+  (ar,) = reports[jnp.bfloat16].collectives
+  if jax.default_backend() == "cpu":
+    assert ar.operands[0] == "f32[64,256]"
+    assert (reports[jnp.bfloat16].bytes_per_device
+            == reports[jnp.float32].bytes_per_device)
+  else:
+    assert ar.operands[0] in ("f32[64,256]", "bf16[64,256]")
