@@ -379,3 +379,19 @@ def test_registry():
   trainer = _trainer(strategy="jit", accumulation_steps=2)
   assert "strategy='jit'" in repr(trainer)
   assert trainer.accumulation_steps == 2 and trainer.axis_name == "data"
+
+
+@pytest.mark.parametrize("strategy", ["shard_map", "jit", "pmap", "zero1", "zero2"])
+def test_step_never_deletes_the_callers_params(strategy):
+  """init copies: the step donates what init returns, not the caller's arrays."""
+  import jadam
+
+  mesh = jax.make_mesh((8,), ("data",))
+  params0 = {"w": jnp.ones((3, 1))}
+  opt = jadam.adam(1e-2) if strategy.startswith("zero") else optax.adam(1e-2)
+  trainer = jadam.parallel.DataParallel(
+      lambda p, b: jnp.mean((b @ p["w"]) ** 2), opt, mesh, strategy=strategy)
+  params, opt_state = trainer.init(params0)
+  trainer.step(params, opt_state, np.ones((8, 3), np.float32))
+  assert not params0["w"].is_deleted()
+  np.testing.assert_array_equal(np.asarray(params0["w"]), np.ones((3, 1)))

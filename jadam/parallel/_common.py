@@ -301,12 +301,15 @@ def check_batch(config: StepConfig, batch: PyTree) -> list:
   return leaves
 
 
-def put_replicated(x, sharding: NamedSharding) -> jax.Array:
-  """``x`` (the same full value in every process) on every device of
-  ``sharding``."""
-  if not sharding.is_fully_addressable and isinstance(x, jax.Array):
-    if x.is_fully_addressable:
+def put_params(x, sharding: NamedSharding) -> jax.Array:
+  """``x`` (the same full value in every process) placed with ``sharding``, in
+  buffers of its own: the step donates what ``init`` returns, and the
+  caller's array must survive that (``device_put`` may reuse its buffer)."""
+  if isinstance(x, jax.Array):
+    if not sharding.is_fully_addressable and x.is_fully_addressable:
       x = np.asarray(x)  # a process-local array cannot be put on other hosts
+    else:
+      x = jnp.copy(x)
   return jax.device_put(x, sharding)
 
 

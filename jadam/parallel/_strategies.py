@@ -26,7 +26,7 @@ from ._common import apply_optimizer
 from ._common import check_batch
 from ._common import mean_loss_and_grads
 from ._common import put_batch_leaf
-from ._common import put_replicated
+from ._common import put_params
 from ._common import register_strategy
 from ._common import split_local
 from ._common import to_host
@@ -56,7 +56,7 @@ class _Replicated(Strategy):
 
   def init(self, params):
     replicated = self.replicated()
-    params = jax.tree.map(lambda x: put_replicated(x, replicated), params)
+    params = jax.tree.map(lambda x: put_params(x, replicated), params)
     with jax.set_mesh(self.context_mesh()):
       # Made in place: the state is created directly in its layout.
       opt_state = jax.jit(

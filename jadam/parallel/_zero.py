@@ -56,7 +56,7 @@ from ._common import Strategy
 from ._common import check_batch
 from ._common import mean_loss_and_grads
 from ._common import put_batch_leaf
-from ._common import put_replicated
+from ._common import put_params
 from ._common import register_strategy
 from ._common import split_local
 from ._common import to_host
@@ -554,9 +554,9 @@ class ZeroStrategy(Strategy):
       if x is None:
         placed.append(None)
       elif s == P():
-        placed.append(put_replicated(x, self.param_sharding(P())))
+        placed.append(put_params(x, self.param_sharding(P())))
       else:
-        placed.append(jax.device_put(x, self.param_sharding(s)))
+        placed.append(put_params(x, self.param_sharding(s)))
     params = treedef.unflatten(placed)
     want = self.state_shape_dtypes(layout)
     with jax.set_mesh(self.mesh):

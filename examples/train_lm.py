@@ -1,0 +1,222 @@
+"""Train a small Flax transformer character-level language model, data-parallel.
+
+The text is the opening of Shakespeare's Coriolanus, shipped in
+``examples/data/`` (47 KB, public domain). Every step splits a global batch
+of random text windows over all local devices with
+``jadam.parallel.DataParallel`` and applies one ``jadam.adamw`` update. It
+prints the training and validation loss as it goes, then samples text.
+
+  python examples/train_lm.py                                  # all devices
+  python examples/train_lm.py --fake-devices 8 --strategy zero1
+  python examples/train_lm.py --mu-dtype bfloat16 --nu-dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pathlib
+import re
+import sys
+import time
+
+DATA = pathlib.Path(__file__).resolve().parent / "data" / "coriolanus.txt"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--strategy", default="shard_map",
+                      help="a DataParallel strategy: shard_map, jit, pmap, "
+                      "zero1, zero2 (jadam.parallel.available_strategies())")
+  parser.add_argument("--mu-dtype", default=None, choices=DTYPES,
+                      help="dtype of Adam's first moment (default: params')")
+  parser.add_argument("--nu-dtype", default=None, choices=DTYPES,
+                      help="dtype of Adam's second moment (default: params')")
+  parser.add_argument("--layout", default="tree", choices=("tree", "flat"),
+                      help="jadam's optimizer-state layout")
+  parser.add_argument("--steps", type=int, default=400)
+  parser.add_argument("--batch-size", type=int, default=32,
+                      help="global batch of windows; must divide by devices")
+  parser.add_argument("--seq-len", type=int, default=64)
+  parser.add_argument("--d-model", type=int, default=128)
+  parser.add_argument("--layers", type=int, default=2)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--learning-rate", type=float, default=3e-3)
+  parser.add_argument("--weight-decay", type=float, default=0.01)
+  parser.add_argument("--log-every", type=int, default=100)
+  parser.add_argument("--sample-chars", type=int, default=300)
+  parser.add_argument("--temperature", type=float, default=0.8)
+  parser.add_argument("--prompt", default="MENENIUS:\n")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--fake-devices", type=int, default=None,
+                      help="run on this many fake CPU devices")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  start = time.perf_counter()
+  args = parse_args(argv)
+  if args.fake_devices:
+    # Before JAX starts: XLA reads this flag once, when the CPU backend starts.
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={args.fake_devices}")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  import tqdm
+  from flax import linen as nn
+
+  import jadam
+  import jadam.parallel
+
+  if args.strategy not in jadam.parallel.available_strategies():
+    sys.exit(f"--strategy {args.strategy!r}: this jadam has "
+             f"{', '.join(jadam.parallel.available_strategies())}")
+  n_devices = jax.local_device_count()
+  if args.batch_size % n_devices:
+    sys.exit(f"--batch-size {args.batch_size} must divide by the "
+             f"{n_devices} devices")
+
+  # Data: characters as integer ids; the last 10% of the text validates.
+  text = DATA.read_text(encoding="utf-8")
+  chars = sorted(set(text))
+  char_id = {c: i for i, c in enumerate(chars)}
+  ids = np.array([char_id[c] for c in text], np.int32)
+  split = int(0.9 * len(ids))
+  train_ids, val_ids = ids[:split], ids[split:]
+  if any(c not in char_id for c in args.prompt):
+    sys.exit(f"--prompt has characters that are not in {DATA.name}")
+
+  def windows(data, starts):
+    """Input windows and their next-character targets."""
+    idx = starts[:, None] + np.arange(args.seq_len + 1)
+    w = data[idx]
+    return w[:, :-1], w[:, 1:]
+
+  class Block(nn.Module):
+    d_model: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+      causal = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
+      x = x + nn.MultiHeadDotProductAttention(self.heads)(
+          nn.LayerNorm()(x), mask=causal)
+      h = nn.Dense(4 * self.d_model)(nn.LayerNorm()(x))
+      return x + nn.Dense(self.d_model)(nn.gelu(h))
+
+  class CharTransformer(nn.Module):
+    vocab: int
+    d_model: int
+    layers: int
+    heads: int
+    max_len: int
+
+    @nn.compact
+    def __call__(self, tokens):
+      embed = nn.Embed(self.vocab, self.d_model)
+      pos = self.param("pos_embedding", nn.initializers.normal(0.02),
+                       (self.max_len, self.d_model))
+      x = embed(tokens) + pos[:tokens.shape[1]]
+      for _ in range(self.layers):
+        x = Block(self.d_model, self.heads)(x)
+      return embed.attend(nn.LayerNorm()(x))  # tied output embedding
+
+  model = CharTransformer(len(chars), args.d_model, args.layers, args.heads,
+                          args.seq_len)
+
+  def loss_fn(params, batch):
+    inputs, targets = batch
+    logits = model.apply({"params": params}, inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, targets).mean()
+
+  def as_dtype(name):
+    return None if name is None else jnp.dtype(name)
+
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, args.learning_rate, min(100, args.steps // 10 + 1), args.steps)
+  # A bare jadam optimizer (no optax.chain around it): the ZeRO strategies
+  # apply its rule to each device's slice of the state themselves.
+  tx = jadam.adamw(schedule, b2=0.99, weight_decay=args.weight_decay,
+                   mu_dtype=as_dtype(args.mu_dtype),
+                   nu_dtype=as_dtype(args.nu_dtype), layout=args.layout)
+
+  mesh = jax.make_mesh((n_devices,), ("data",))
+  trainer = jadam.parallel.DataParallel(loss_fn, tx, mesh,
+                                        strategy=args.strategy)
+  params = jax.jit(model.init)(
+      jax.random.key(args.seed), np.zeros((1, args.seq_len), np.int32))
+  params = params["params"]
+  n_params = sum(p.size for p in jax.tree.leaves(params))
+  params, opt_state = trainer.init(params)
+
+  rng = np.random.default_rng(args.seed)
+  val_batch = windows(val_ids, rng.integers(
+      0, len(val_ids) - args.seq_len - 1, size=64))
+  val_loss = jax.jit(loss_fn)
+
+  moments = (f"mu {args.mu_dtype or 'float32'}, "
+             f"nu {args.nu_dtype or 'float32'}")
+  print(f"text: {len(text):,} characters, vocabulary {len(chars)}; "
+        f"transformer with {n_params:,} params", flush=True)
+  layout = ("state sharded over the devices" if args.strategy.startswith("zero")
+            else f"layout={args.layout}")
+  print(f"jadam.adamw ({moments}, {layout}), strategy "
+        f"{args.strategy} on {n_devices} {jax.devices()[0].platform} "
+        f"device(s), global batch {args.batch_size} x {args.seq_len} "
+        f"characters", flush=True)
+  print(f"step {0:5d}  uniform loss {math.log(len(chars)):.3f}", flush=True)
+
+  losses = []
+  bar = tqdm.trange(args.steps, desc="train", unit="step")
+  for step in bar:
+    starts = rng.integers(0, len(train_ids) - args.seq_len - 1,
+                          size=args.batch_size)
+    params, opt_state, loss = trainer.step(
+        params, opt_state, windows(train_ids, starts))
+    # One step in flight: on fake CPU devices (JAX 0.10), queued steps whose
+    # collectives wait on each other can starve XLA's thread pool.
+    losses.append(float(loss))
+    if (step + 1) % args.log_every == 0 or step == args.steps - 1:
+      recent = float(np.mean(losses[-args.log_every:]))
+      val = float(val_loss(trainer.gather(params), val_batch))
+      bar.set_postfix(loss=f"{recent:.3f}")
+      tqdm.tqdm.write(f"step {step + 1:5d}  train loss {recent:.3f}  "
+                      f"val loss {val:.3f}")
+  bar.close()
+  sys.stdout.flush()
+
+  # Sampling: one jitted forward per character over the last seq_len ones.
+  params = trainer.gather(params)
+
+  @jax.jit
+  def next_char(params, window, length, key):
+    logits = model.apply({"params": params}, window[None])[0, length - 1]
+    return jax.random.categorical(key, logits / args.temperature)
+
+  context = [char_id[c] for c in args.prompt]
+  key = jax.random.key(args.seed + 1)
+  for _ in range(args.sample_chars):
+    recent = context[-args.seq_len:]
+    window = np.zeros(args.seq_len, np.int32)
+    window[:len(recent)] = recent
+    key, sub = jax.random.split(key)
+    context.append(int(next_char(params, window, len(recent), sub)))
+  print(f"--- sample (temperature {args.temperature}) ---")
+  print("".join(chars[i] for i in context))
+  print("---")
+  print(f"wall time: {time.perf_counter() - start:.1f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
