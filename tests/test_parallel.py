@@ -395,3 +395,42 @@ def test_step_never_deletes_the_callers_params(strategy):
   trainer.step(params, opt_state, np.ones((8, 3), np.float32))
   assert not params0["w"].is_deleted()
   np.testing.assert_array_equal(np.asarray(params0["w"]), np.ones((3, 1)))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("opt_name", ["adam", "adamw"])
+def test_flat_layout_matches_single_device_full_batch(strategy, opt_name):
+  """layout="flat": params packed end to end, with jadam's (tree-form)
+  optimizer running on the packed buffers; gather unpacks params and moments."""
+  import jadam
+
+  opt = (jadam.adam(1e-2, eps=1e-8) if opt_name == "adam"
+         else jadam.adamw(1e-2, eps=1e-8, weight_decay=1e-2))
+  trainer = jadam.parallel.DataParallel(mse, opt, make_mesh(), strategy=strategy,
+                                        layout="flat", accumulation_steps=2)
+  params, opt_state = trainer.init(init_params())
+  layout = trainer.flat_layout
+  assert layout is not None and set(layout.keys) == {"float32"}
+  losses = []
+  for batch in make_batches():
+    params, opt_state, loss = trainer.step(params, opt_state, batch)
+    losses.append(float(loss))
+  leaves = jax.tree.leaves(params)
+  assert len(leaves) == 1 and leaves[0].shape[-1] % 1024 == 0  # one packed buffer
+  ref_params, ref_state, ref_losses = reference(opt_name, 1e-8)
+  got_state = trainer.gather(opt_state)
+  chex.assert_trees_all_close(trainer.gather(params), ref_params, rtol=RTOL, atol=ATOL)
+  chex.assert_trees_all_close(
+      {"mu": got_state.mu, "nu": got_state.nu, "count": got_state.count},
+      moments(ref_state), rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(losses, ref_losses, rtol=RTOL, atol=ATOL)
+
+
+def test_flat_layout_bad_input():
+  import jadam
+
+  with pytest.raises(ValueError, match=r"layout=...\)` must be 'tree' or 'flat'"):
+    jadam.parallel.DataParallel(mse, optax.adam(1e-2), make_mesh(), layout="packed")
+  with pytest.raises(ValueError, match=r"sharded flat layout already"):
+    jadam.parallel.DataParallel(mse, jadam.adam(1e-2), make_mesh(), strategy="zero1",
+                                layout="flat")

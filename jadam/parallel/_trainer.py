@@ -15,6 +15,7 @@ from . import _strategies  # noqa: F401  (registers the built-in strategies)
 from ._common import PyTree
 from ._common import StepConfig
 from ._common import get_strategy
+from .._flat import FlatLayout
 
 
 class DataParallel:
@@ -81,6 +82,7 @@ class DataParallel:
       axis_name: str = "data",
       has_aux: bool = False,
       accumulation_steps: int = 1,
+      layout: str = "tree",
   ):
     """Builds the trainer (nothing is compiled until the first step).
 
@@ -103,6 +105,12 @@ class DataParallel:
       accumulation_steps: number of equal micro-batches each device's share
         is split into inside one step (a ``lax.scan`` with one gradient
         accumulator); the result equals one step on the whole batch.
+      layout: ``"tree"`` (params and state as given) or ``"flat"``: params are
+        packed by :class:`jadam.FlatLayout` into one buffer per dtype and
+        stay packed end to end — ``loss_fn`` still sees the tree (unpacked
+        inside the step), the gradient comes out packed and the optimizer
+        runs one fused pass per buffer. ``gather`` unpacks. The ZeRO
+        strategies are flat already and take only ``"tree"``.
 
     Raises:
       ValueError: for an unknown ``strategy``, a ``mesh`` without
@@ -132,6 +140,22 @@ class DataParallel:
           "`DataParallel(accumulation_steps=...)` must be a positive integer, "
           f"got {accumulation_steps!r}")
     strategy_cls = get_strategy(strategy)
+    if layout not in ("tree", "flat"):
+      raise ValueError(
+          f"`DataParallel(layout=...)` must be 'tree' or 'flat', got {layout!r}")
+    if layout == "flat" and strategy.startswith("zero"):
+      raise ValueError(
+          f"`DataParallel(strategy={strategy!r})` keeps its state in the "
+          "sharded flat layout already; use layout='tree' (the default)")
+    self._layout = layout
+    self._flat: FlatLayout | None = None
+    if layout == "flat":
+      user_loss_fn = loss_fn
+
+      def loss_fn(packed, batch):  # pylint: disable=function-redefined
+        # The FlatLayout is set by init, before the step is first traced.
+        return user_loss_fn(self._flat.unpack(packed), batch)
+
     if jax.process_count() > 1 and strategy_cls.multiprocess_unsupported:
       raise ValueError(
           f"`DataParallel(strategy={strategy!r})` cannot run over several "
@@ -170,6 +194,17 @@ class DataParallel:
   def accumulation_steps(self) -> int:
     return self._config.accumulation_steps
 
+  @property
+  def layout(self) -> str:
+    """``"tree"`` or ``"flat"`` (params packed end to end)."""
+    return self._layout
+
+  @property
+  def flat_layout(self) -> FlatLayout | None:
+    """With ``layout="flat"``, the :class:`jadam.FlatLayout` of the params
+    last passed to :meth:`init` (``None`` before, or with ``"tree"``)."""
+    return self._flat
+
   def init(self, params: PyTree) -> tuple[PyTree, PyTree]:
     """Places ``params`` and creates the optimizer state in the strategy's
     layout.
@@ -181,6 +216,12 @@ class DataParallel:
     Returns:
       ``(params, opt_state)`` ready for :meth:`step`.
     """
+    if self._layout == "flat":
+      flat = FlatLayout.from_tree(params)
+      if flat != self._flat:  # a new packing: a new step (compiled on first use)
+        self._flat = flat
+        self._strategy = type(self._strategy)(self._config)
+      params = flat.pack(params)
     self._params_template = _shape_dtypes(params)
     return self._strategy.init(params)
 
@@ -264,15 +305,27 @@ class DataParallel:
     Returns:
       The same tree of ``np.ndarray`` with the shapes of a single-device run
       (no device axis); in a multi-process run, the full value in every
-      process.
+      process. With ``layout="flat"``, packed params (and packed moments)
+      come back unpacked, as trees shaped like the params.
     """
-    return self._strategy.gather(tree)
+    out = self._strategy.gather(tree)
+    if self._flat is None:
+      return out
+    flat = self._flat
+
+    def is_packed(x):
+      return (isinstance(x, dict) and set(x) == set(flat.keys) and all(
+          np.shape(x[b.key]) == (b.length,) for b in flat.buffers))
+
+    return jax.tree.map(
+        lambda x: jax.tree.map(np.asarray, flat.unpack(x)) if is_packed(x) else x,
+        out, is_leaf=is_packed)
 
   def __repr__(self) -> str:
     return (f"DataParallel(strategy={self.strategy!r}, "
             f"axis_name={self.axis_name!r}, num_devices={self.num_devices}, "
             f"accumulation_steps={self.accumulation_steps}, "
-            f"has_aux={self._config.has_aux})")
+            f"has_aux={self._config.has_aux}, layout={self._layout!r})")
 
 
 def _shape_dtypes(params: PyTree) -> PyTree:
