@@ -403,6 +403,11 @@ def step(
   Same arguments as :func:`jadam.update`; ``params`` is required. The new
   params are rounded once to their dtype (``p + u`` is computed in float32).
 
+  To donate, jit a train step whose donated arguments come in the order of
+  the outputs, ``(params, state)`` (as below and in the README); donating
+  ``jadam.step``'s own ``(state, params)`` pairs buffers with outputs of the
+  same shape in the other order, and XLA adds copies.
+
   Example:
     >>> import jax, jax.numpy as jnp, jadam
     >>> params = {"w": jnp.ones(3)}

@@ -1,9 +1,10 @@
 """The flat layout: every dtype's leaves packed in one padded 1-D buffer.
 
-A pytree of many small arrays costs one kernel (and a few microseconds) per
-leaf per step, and a compiled step grows with the number of leaves. Packed,
-the same Adam step is one fused elementwise pass per dtype, and compile time
-no longer depends on the number of leaves.
+A pytree of many small arrays costs kernels (and microseconds) per leaf per
+step, and a compiled step grows with the number of leaves. Packed, the same
+Adam step is one fused elementwise pass per buffer; kept packed end to end
+(params, gradients and state), its compile time no longer depends on the
+number of leaves.
 
 * :class:`FlatLayout` — the static, hashable description of the packing
   (per dtype: offsets, shapes, padding) with ``pack`` and ``unpack``.
@@ -303,7 +304,7 @@ class FlatLayout:
     return out
 
   def unpack(self, packed):
-    """The tree of a packed value: each leaf a reshaped static slice.
+    """The tree of a packed value: each leaf a reshaped static slice of its buffer.
 
     Args:
       packed: ``{buffer key: buffer}`` as made by :meth:`pack` (or any
@@ -317,14 +318,15 @@ class FlatLayout:
       the compiler picks their shardings.
     """
     self.check_packed("FlatLayout.unpack(packed)", packed)
-    packed = {k: _replicated_if_explicit(v) for k, v in packed.items()}
-    leaves = []
-    for seg in self.segments:
-      if seg is None:
-        leaves.append(None)
-        continue
-      buf = packed[seg.key]
-      leaves.append(lax.slice_in_dim(buf, seg.offset, seg.offset + seg.size).reshape(seg.shape))
+    leaves = [None] * len(self.segments)
+    for b in self.buffers:
+      # One split (not a slice per leaf): its transpose is one concatenate, so
+      # the gradient of a loss of the unpacked leaves is packed in one copy
+      # instead of a buffer-sized pad-and-add per leaf.
+      sizes = [self.segments[i].size for i in b.leaves] + [b.length - b.size]
+      pieces = lax.split(_replicated_if_explicit(packed[b.key]), sizes)
+      for i, piece in zip(b.leaves, pieces):
+        leaves[i] = piece.reshape(self.segments[i].shape)
     return self.treedef.unflatten(leaves)
 
   def check_packed(self, name: str, packed) -> None:

@@ -6,9 +6,12 @@ Method (the same for every case and implementation):
   optimizer state donated), compiled ahead of time; ``compile_s`` is trace +
   lower + compile of that step.
 * After warm-up, the implementations run interleaved: round after round, each
-  runs a few steps, so all see the same machine load. Each step is timed to
-  completion (``block_until_ready``); ``median_ms`` is the median over all
-  timed steps (at least 20 by default).
+  runs a few steps, so all see the same machine load (each round starts with
+  another implementation; the first step after a switch is not timed). Each
+  step is timed to completion (``block_until_ready``); ``median_ms`` is the
+  median over all
+  timed steps (at least 20 by default); ``iqr_ms`` is their interquartile
+  range, the noise to read a ratio against.
 * A reference in-place read+write of one large float32 buffer (a donated
   ``-x``) is interleaved in the same rounds: its rate is the measured
   memory-copy bandwidth ``copy_gb_per_s`` (bytes read + written per second).
@@ -335,8 +338,13 @@ def _interleaved_times(runners: dict[str, Runner], steps: int, rounds: int,
       r.step()
   per_round = max(1, -(-steps // rounds))
   times: dict[str, list[float]] = {k: [] for k in runners}
-  for _ in range(rounds):
-    for name, r in runners.items():
+  names = list(runners)
+  for i in range(rounds):
+    # Each round starts with another implementation, and the first step after
+    # a switch (caches and pages of the previous one) is not timed.
+    for name in names[i % len(names):] + names[:i % len(names)]:
+      r = runners[name]
+      r.step()
       for _ in range(per_round):
         t0 = time.perf_counter()
         r.step()
@@ -374,7 +382,8 @@ def run(
 
   Returns:
     Records with keys ``case, impl, median_ms, speedup_vs_optax, compile_s,
-    gb_per_s, bandwidth_fraction, peak_bytes`` and context (``n_params``,
+    gb_per_s, bandwidth_fraction, peak_bytes`` and context (``iqr_ms``: the
+    interquartile range of the step times, ``n_params``,
     ``n_leaves``, ``bytes_per_param``, ``copy_gb_per_s``, ``steps``,
     ``device``, ``peak_source``, ``title``).
   """
@@ -434,8 +443,9 @@ def run(
         peak = r.peak() if isinstance(r, TorchRunner) else r.peak_bytes
         model_bytes = SGD_BYTES_PER_PARAM if impl == "optax_sgd" else ADAM_BYTES_PER_PARAM
         gbs = model_bytes * n_params / med / 1e9 if case.kind == "optimizer" else None
+        q1, _, q3 = statistics.quantiles(ts, n=4)
         records.append(dict(
-            case=name, impl=impl, median_ms=med * 1e3,
+            case=name, impl=impl, median_ms=med * 1e3, iqr_ms=(q3 - q1) * 1e3,
             speedup_vs_optax=(base / med) if base else None,
             compile_s=r.compile_s, gb_per_s=gbs,
             bandwidth_fraction=(gbs / copy_gbs) if gbs is not None else None,
@@ -460,13 +470,14 @@ def _fmt(x, spec: str) -> str:
 
 def format_table(records: list[dict]) -> str:
   """A fixed-width text table (also valid Markdown)."""
-  head = ("case", "impl", "params", "leaves", "median ms", "vs optax", "compile s",
+  head = ("case", "impl", "params", "leaves", "median ms", "IQR", "vs optax", "compile s",
           "GB/s (model)", "of copy BW", "peak MB")
   rows = [head]
   for r in records:
     rows.append((
         f"({r['case']}) {r['title']}", r["impl"], f"{r['n_params'] / 1e6:.2f}M",
         str(r["n_leaves"]), _fmt(r["median_ms"], ".2f"),
+        f"{100 * r['iqr_ms'] / r['median_ms']:.0f}%",
         _fmt(r["speedup_vs_optax"], ".2f") + ("x" if r["speedup_vs_optax"] else ""),
         _fmt(r["compile_s"], ".2f"), _fmt(r["gb_per_s"], ".2f"),
         "-" if r["bandwidth_fraction"] is None else f"{100 * r['bandwidth_fraction']:.0f}%",
