@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import sys
 import time
-import traceback
 
 import numpy as np
+
+import _mp_worker
 
 STRATEGIES = {"zero1": 1, "zero2": 2}  # strategy -> accumulation steps
 
@@ -122,9 +122,4 @@ def kill_during_save(directory: pathlib.Path, mesh) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except Exception:  # pylint: disable=broad-except
-    traceback.print_exc()
-    sys.stderr.flush()
-    os._exit(1)
+  _mp_worker.run_worker(main)

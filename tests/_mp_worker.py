@@ -117,12 +117,19 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run_worker(main_fn) -> None:
+  """Runs a worker's ``main``; on an exception prints it and exits at once.
+
+  Fail fast: a normal exit would wait at jax.distributed's shutdown barrier
+  for processes that are themselves waiting on this one.
+  """
   try:
-    sys.exit(main())
+    sys.exit(main_fn())
   except Exception:  # pylint: disable=broad-except
-    # Fail fast: a normal exit would wait at jax.distributed's shutdown
-    # barrier for processes that are themselves waiting on this one.
     traceback.print_exc()
     sys.stderr.flush()
     os._exit(1)
+
+
+if __name__ == "__main__":
+  run_worker(main)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import traceback
 
 import numpy as np
 
@@ -74,9 +72,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except Exception:  # pylint: disable=broad-except
-    traceback.print_exc()
-    sys.stderr.flush()
-    os._exit(1)
+  _mp_worker.run_worker(main)
