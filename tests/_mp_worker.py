@@ -52,6 +52,27 @@ def flatten(prefix: str, tree) -> dict:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def join_run(args: argparse.Namespace):
+  """Starts JAX on this process's own CPU devices and joins the run.
+
+  Returns the ``jax`` module, imported only now: the device count and
+  platform must be set before JAX starts (nothing inherited from the parent).
+  """
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_num_cpu_devices", args.local_devices)
+  # Cross-process CPU collectives (the default in JAX 0.10; said explicitly).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+      coordinator_address=args.coordinator,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+      initialization_timeout=args.timeout)
+  assert jax.process_count() == args.num_processes
+  assert jax.local_device_count() == args.local_devices
+  return jax
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--process-id", type=int, required=True)
@@ -66,19 +87,7 @@ def main(argv=None) -> int:
                       help="raise after joining (tests the harness)")
   args = parser.parse_args(argv)
 
-  # Before JAX starts: this process's own CPU devices, nothing inherited.
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_num_cpu_devices", args.local_devices)
-  # Cross-process CPU collectives (the default in JAX 0.10; said explicitly).
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-      coordinator_address=args.coordinator,
-      num_processes=args.num_processes,
-      process_id=args.process_id,
-      initialization_timeout=args.timeout)
-  assert jax.process_count() == args.num_processes
-  assert jax.local_device_count() == args.local_devices
+  jax = join_run(args)
   if args.fail:
     raise RuntimeError(f"injected failure in process {args.process_id}")
 

@@ -29,16 +29,7 @@ def main(argv=None) -> int:
   parser.add_argument("--timeout", type=int, default=30)
   args = parser.parse_args(argv)
 
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_num_cpu_devices", args.local_devices)
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-      coordinator_address=args.coordinator,
-      num_processes=args.num_processes,
-      process_id=args.process_id,
-      initialization_timeout=args.timeout)
-  assert jax.process_count() == args.num_processes
+  jax = _mp_worker.join_run(args)
 
   import jadam  # pylint: disable=g-import-not-at-top
   import jadam.parallel  # pylint: disable=g-import-not-at-top

@@ -133,10 +133,10 @@ def single_device_reference():
 STRATEGIES = ("shard_map", "jit", "pmap")
 
 
-def test_two_processes_match_one_device(tmp_path):
-  run_processes(worker_commands(tmp_path, STRATEGIES), tmp_path)
+def assert_processes_match_reference(tmp_path, strategies) -> None:
+  """Each worker's npz (params, mu, nu, losses) equals the one-device run."""
   reference = single_device_reference()
-  for strategy in STRATEGIES:
+  for strategy in strategies:
     for process in range(2):
       with np.load(tmp_path / f"{strategy}-{process}.npz") as f:
         got = dict(f)
@@ -145,6 +145,11 @@ def test_two_processes_match_one_device(tmp_path):
       chex.assert_trees_all_close(
           got, reference, rtol=RTOL, atol=ATOL,
           custom_message=f"strategy={strategy}, process {process}")
+
+
+def test_two_processes_match_one_device(tmp_path):
+  run_processes(worker_commands(tmp_path, STRATEGIES), tmp_path)
+  assert_processes_match_reference(tmp_path, STRATEGIES)
 
 
 def test_a_failing_process_ends_the_run(tmp_path):

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 import jadam
 import jadam.parallel
 from jadam.parallel import _comm
+from test_parallel import counting
 from test_parallel import init_params
 from test_parallel import make_batches
 from test_parallel import mse
@@ -88,15 +89,6 @@ def reference(name: str, steps: int = STEPS):
 def make_mesh():
   return jax.make_mesh((NUM_DEVICES,), ("data",))
 
-
-def counting(fn):
-  @functools.wraps(fn)
-  def wrapped(*args):
-    wrapped.traces += 1
-    return fn(*args)
-
-  wrapped.traces = 0
-  return wrapped
 
 
 CASES = [
@@ -374,12 +366,4 @@ def test_two_processes_match_one_device(tmp_path):
                "--timeout", str(mp.WORKER_TIMEOUT_S // 2),
                "--strategies", *strategies] for i in range(2)]
   mp.run_processes(commands, tmp_path)
-  reference = mp.single_device_reference()
-  for strategy in strategies:
-    for process in range(2):
-      with np.load(tmp_path / f"{strategy}-{process}.npz") as f:
-        got = dict(f)
-      assert set(got) == set(reference), strategy
-      chex.assert_trees_all_close(
-          got, reference, rtol=mp.RTOL, atol=mp.ATOL,
-          custom_message=f"strategy={strategy}, process {process}")
+  mp.assert_processes_match_reference(tmp_path, strategies)
