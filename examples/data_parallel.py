@@ -108,7 +108,7 @@ def train(args: argparse.Namespace) -> None:
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return jnp.mean(loss), {"accuracy": accuracy}
 
-  # The same initial params in every process; data differs per process.
+  # The same initial params in every process.
   features, hidden, classes = 16, 64, 4
   rng = np.random.default_rng(0)
   teacher = rng.normal(size=(features, classes))
@@ -121,10 +121,13 @@ def train(args: argparse.Namespace) -> None:
   params = {k: v.astype(np.float32) for k, v in params.items()}
 
   def local_batch(step):
-    """This process's share of the global batch (each host loads its own)."""
+    """This process's rows of the step's global batch. Every process draws
+    the same global batch, so any number of processes and devices trains on
+    the same data (a real loader would read only its own rows)."""
     local = args.batch_size // jax.process_count()
-    data = np.random.default_rng((1, me, step))
-    x = data.normal(size=(local, features)).astype(np.float32)
+    x = np.random.default_rng((1, step)).normal(
+        size=(args.batch_size, features)).astype(np.float32)
+    x = x[me * local:(me + 1) * local]
     return x, np.argmax(x @ teacher, axis=-1).astype(np.int32)
 
   mesh = jax.make_mesh((jax.device_count(),), ("data",))

@@ -10,7 +10,8 @@ from ._core import OptimizerSpec as OptimizerSpec
 from ._core import init as init
 from ._core import step as step
 from ._core import update as update
-from ._flat import FlatLayout as FlatLayout
+from ._layout import FlatLayout as FlatLayout
+from ._packed import Packed as Packed
 from ._optimizers import adam as adam
 from ._optimizers import adamax as adamax
 from ._optimizers import adamaxw as adamaxw
@@ -19,7 +20,7 @@ from ._optimizers import amsgrad as amsgrad
 from ._optimizers import lamb as lamb
 from ._optimizers import nadam as nadam
 from ._optimizers import nadamw as nadamw
-from ._optimizers import optimizer_spec as optimizer_spec
+from ._transformation import optimizer_spec as optimizer_spec
 from ._optimizers import radam as radam
 from ._optimizers import scale_by_adam as scale_by_adam
 from ._plan import MemoryPlan as MemoryPlan

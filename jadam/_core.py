@@ -8,15 +8,15 @@ functions run one fused pass per buffer on it.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from . import _rule
+from . import _segments
+from . import _update
 from . import _validate as V
 
 
@@ -67,13 +67,18 @@ class OptimizerSpec(NamedTuple):
   mu_dtype: Any = None
   nu_dtype: Any = None
 
-  def hyper(self, count: jax.Array) -> _rule.Hyper:
-    """Hyperparameter values for the step whose (old) count is ``count``."""
+  def hyper(self, count: jax.Array | None = None) -> _rule.Hyper:
+    """Hyperparameter values for the step whose (old) count is ``count``.
+
+    Without ``count``, schedules stay callables: the update path evaluates
+    them inside its one jitted computation (:func:`jadam._update.update_chunks`),
+    so an eager step and a jitted one compute the same schedule value.
+    """
     lr = self.learning_rate
-    if callable(lr):
+    if callable(lr) and count is not None:
       lr = lr(count)
     wd = self.weight_decay
-    if callable(wd):
+    if callable(wd) and count is not None:
       wd = wd(count)
     return _rule.Hyper(
         learning_rate=_as_hyper(lr), b1=_as_hyper(self.b1), b2=_as_hyper(self.b2),
@@ -102,8 +107,8 @@ class OptimizerSpec(NamedTuple):
 def _as_hyper(x):
   """Python/NumPy scalars stay Python floats (weakly typed, as optax uses them);
   arrays become float32 (hyperparameter math is float32 whatever the params)."""
-  if x is None:
-    return None
+  if x is None or callable(x):
+    return x
   if isinstance(x, (bool, np.bool_)):
     raise ValueError(f"hyperparameters must be numbers, got {x!r}")
   if isinstance(x, (int, float, np.number)) or (isinstance(x, np.ndarray) and x.ndim == 0):
@@ -125,32 +130,37 @@ def _zeros(leaf, dtype) -> jax.Array:
   return jnp.zeros_like(leaf, dtype=dtype)
 
 
-def _leaf_dtype(leaf) -> np.dtype:
-  dt = getattr(leaf, "dtype", None)
-  return np.dtype(dt) if dt is not None else np.dtype(jnp.asarray(leaf).dtype)
+def moment_dtypes(rule: _rule.Rule, dtype, mu_dtype=None, nu_dtype=None) -> tuple[np.dtype, ...]:
+  """The dtype of each moment (``rule.moment_names``) of a param of ``dtype``.
+
+  ``mu_dtype`` sets ``mu``'s; ``nu_dtype`` sets ``nu``'s and ``nu_max``'s;
+  ``None`` keeps the param's.
+  """
+  want = {"mu": mu_dtype, "nu": nu_dtype, "nu_max": nu_dtype}
+  return tuple(np.dtype(want[name] or dtype) for name in rule.moment_names)
 
 
 def init_state(fn: str, rule: _rule.Rule, params, mu_dtype=None, nu_dtype=None):
-  """Zero moments mirroring ``params`` (``None`` leaves pass through)."""
+  """Zero moments mirroring ``params`` (``None`` leaves pass through).
+
+  ``params`` may be any pytree: a tree of arrays or ``ShapeDtypeStruct`` s (the
+  tree layout) or packed buffers (the flat layouts), whose nodes the moments
+  keep (a :class:`jadam.Packed` keeps its layout).
+  """
   flat, treedef = V.flatten_with_none(params)
-  moments = {name: [] for name in rule.moment_names}
+  moments = [[] for _ in rule.moment_names]
   for path, leaf in flat:
     if leaf is None:
-      for name in rule.moment_names:
-        moments[name].append(None)
-      continue
-    V.check_params_leaf(fn, path, leaf)
-    dt = _leaf_dtype(leaf)
-    dtypes = {"mu": mu_dtype or dt, "nu": nu_dtype or dt, "nu_max": nu_dtype or dt}
-    for name in rule.moment_names:
-      moments[name].append(_zeros(leaf, dtypes[name]))
-  return state_class(rule)(
-      jnp.zeros([], jnp.int32),
-      *(treedef.unflatten(moments[name]) for name in rule.moment_names),
-  )
+      dtypes = (None,) * len(moments)
+    else:
+      V.check_params_leaf(fn, path, leaf)
+      dtypes = moment_dtypes(rule, V.dtype_of(leaf), mu_dtype, nu_dtype)
+    for m, dt in zip(moments, dtypes):
+      m.append(None if leaf is None else _zeros(leaf, dt))
+  return state_class(rule)(jnp.zeros([], jnp.int32), *(treedef.unflatten(m) for m in moments))
 
 
-def _check_state(fn: str, rule: _rule.Rule, state) -> None:
+def check_state(fn: str, rule: _rule.Rule, state) -> None:
   cls = state_class(rule)
   if not isinstance(state, cls):
     raise ValueError(
@@ -188,9 +198,9 @@ def tree_update(
   Returns:
     ``(updates, new_state)``, or ``(new_params, new_state)`` with ``apply``.
   """
-  _check_state(fn, rule, state)
+  check_state(fn, rule, state)
   V.check_same_structure("grads", grads, "state.mu", state.mu)
-  use_wd = _nonzero(hp.weight_decay)
+  use_wd = _update.uses_weight_decay(hp)
   if params is None and (apply or rule.trust_ratio or use_wd):
     raise ValueError(
         f"`{fn}` needs `params` (for weight decay, LAMB's trust ratio or "
@@ -198,88 +208,33 @@ def tree_update(
     )
   if params is not None:
     V.check_same_structure("params", params, "grads", grads)
-
   if decay_mask is None:
     decay_mask = (True,) * len(V.flatten_with_none(grads)[0])
-  static_hp, dynamic_hp = _split_hyper(hp)
-  return _tree_update_jit(
-      rule, static_hp, tuple(decay_mask), use_wd, apply, scale_lr,
-      dynamic_hp, grads, state, params,
-  )
+  static = (rule, tuple(decay_mask), use_wd, "fused" if apply else None, scale_lr)
+  return _update.jitted(_tree_body, static, hp, grads, state, params)
 
 
-def _split_hyper(hp: _rule.Hyper):
-  """Splits hyperparameters into static constants and traced values.
-
-  Python-float betas, eps and threshold stay static: optax folds ``1 - b1``
-  and RAdam's constants in double precision, and so must we for bit parity.
-  The learning rate and weight decay only ever multiply, so they are always
-  traced float32 (same values): changing them never recompiles.
-  """
-  always_traced = ("learning_rate", "weight_decay")
-  static, dynamic = {}, {}
-  for k, v in hp._asdict().items():
-    if v is not None and k in always_traced:
-      v = jnp.asarray(v, jnp.float32) if isinstance(v, float) else v
-    if isinstance(v, float) or v is None:
-      static[k], dynamic[k] = v, None
-    else:
-      static[k], dynamic[k] = _DYNAMIC, v
-  return hp._replace(**static), hp._replace(**dynamic)
-
-
-_DYNAMIC = "dynamic"
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), inline=True)
-def _tree_update_jit(rule, static_hp, decay_mask, use_wd, apply, scale_lr,
-                     dynamic_hp, grads, state, params):
-  # One compiled computation per (rule, tree, constants): an eager call runs
-  # the same fused code as a jitted one, and gives bit-identical results.
-  hp = static_hp._replace(**{k: v for k, v in dynamic_hp._asdict().items()
-                             if static_hp._asdict()[k] == _DYNAMIC})
-  count_inc = _rule.safe_increment(state.count)
-  scalars = _rule.step_scalars(rule, hp, count_inc)
+def _tree_body(static, hp, grads, state, params):
+  # The tree layout's chunks: one per leaf, each one whole parameter.
+  rule, decay_mask, use_wd, apply, scale_lr = static
   g_flat, treedef = V.flatten_with_none(grads)
   g_flat = [g for _, g in g_flat]
   moments_flat = [treedef.flatten_up_to(getattr(state, n)) for n in rule.moment_names]
   p_flat = treedef.flatten_up_to(params) if params is not None else [None] * len(g_flat)
-
-  out, new_moments = [], [[] for _ in rule.moment_names]
-  for i, (g, p) in enumerate(zip(g_flat, p_flat)):
-    if g is None:
-      out.append(None)
-      for nm in new_moments:
-        nm.append(None)
-      continue
-    direction, moms = _rule.element_update(
-        rule, hp, scalars, g, tuple(m[i] for m in moments_flat)
-    )
-    if use_wd and decay_mask[i]:
-      direction = direction + hp.weight_decay * p.astype(direction.dtype)
-    if rule.trust_ratio:
-      ratio = _rule.trust_ratio(
-          optax.safe_norm(p.astype(direction.dtype), 0.0), optax.safe_norm(direction, 0.0)
-      )
-      direction = direction * ratio
-    u = direction
-    if scale_lr:
-      u = jnp.asarray(-hp.learning_rate, dtype=direction.dtype) * direction
-    ref = p if p is not None else g
-    if apply:
-      out.append((p.astype(u.dtype) + u).astype(p.dtype))
-    else:
-      out.append(u.astype(ref.dtype))
+  live = [i for i, g in enumerate(g_flat) if g is not None]
+  chunks = [_update.Chunk(g_flat[i], tuple(m[i] for m in moments_flat), p_flat[i],
+                          _segments.WHOLE, (decay_mask[i],)) for i in live]
+  count_inc, results = _update.update_chunks(rule, hp, state.count, chunks,
+                                             use_wd=use_wd, scale_lr=scale_lr)
+  out = [None] * len(g_flat)
+  new_moments = [[None] * len(g_flat) for _ in rule.moment_names]
+  for i, (u, moms) in zip(live, results):
+    ref = p_flat[i] if p_flat[i] is not None else g_flat[i]
+    out[i] = _update.finish(u, p_flat[i], ref.dtype, apply)
     for nm, m in zip(new_moments, moms):
-      nm.append(m)
+      nm[i] = m
   new_state = state_class(rule)(count_inc, *(treedef.unflatten(m) for m in new_moments))
   return treedef.unflatten(out), new_state
-
-
-def _nonzero(x) -> bool:
-  if isinstance(x, float):
-    return x != 0.0
-  return True  # an array (maybe traced): always apply
 
 
 # ---------------------------------------------------------------- public API

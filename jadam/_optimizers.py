@@ -16,56 +16,10 @@ import optax
 
 from . import _core
 from . import _rule
-from . import _validate as V
+from ._transformation import build as _build
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], Any]]
 MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]
-LAYOUTS = ("tree", "flat")
-
-
-def _tree_transformation(spec: _core.OptimizerSpec) -> optax.GradientTransformationExtraArgs:
-  fn = spec.name
-  use_wd = spec.uses_weight_decay()
-
-  def init_fn(params):
-    if spec.mask is not None:
-      V.resolve_mask(fn, spec.mask, params)  # structure errors at init, not mid-training
-    return _core.init_state(fn, spec.rule, params, spec.mu_dtype, spec.nu_dtype)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    decay_mask = None
-    if use_wd and spec.mask is not None and params is not None:
-      decay_mask = V.resolve_mask(fn, spec.mask, params)
-    return _core.tree_update(
-        fn, spec.rule, spec.hyper(state.count), updates, state, params,
-        decay_mask=decay_mask, scale_lr=spec.learning_rate is not None,
-    )
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _build(spec: _core.OptimizerSpec, layout: str) -> optax.GradientTransformationExtraArgs:
-  spec.validate()
-  V.check_choice(spec.name, "layout", layout, LAYOUTS)
-  spec = spec._replace(
-      mu_dtype=V.check_dtype(spec.name, "mu_dtype", spec.mu_dtype),
-      nu_dtype=V.check_dtype(spec.name, "nu_dtype", spec.nu_dtype),
-  )
-  if layout == "flat":
-    from . import _flat  # pylint: disable=import-outside-toplevel
-
-    tx = _flat.flat_transformation(spec)
-  else:
-    tx = _tree_transformation(spec)
-  # Layout-independent description, read by jadam.parallel (ZeRO) and tests.
-  tx.update.jadam_spec = spec  # type: ignore[attr-defined]
-  return tx
-
-
-def optimizer_spec(tx) -> _core.OptimizerSpec | None:
-  """The :class:`OptimizerSpec` of a jadam optimizer, or None for others."""
-  return getattr(getattr(tx, "update", None), "jadam_spec", None)
 
 
 def scale_by_adam(

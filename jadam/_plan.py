@@ -28,9 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _compose
 from . import _rule
 from . import _validate as V
-from ._flat import FlatLayout
+from ._core import moment_dtypes
+from ._layout import FlatLayout
+from ._layout import sharded_pad_multiple
+from ._packed import Packed
 
 PLAIN_STRATEGIES = ("plain", "shard_map", "jit", "pmap")
 ZERO_STRATEGIES = ("zero1", "zero2")
@@ -147,17 +151,14 @@ def memory_plan(
   num_params = sum(math.prod(s) for s, _ in leaves)
   params_bytes = sum(math.prod(s) * dt.itemsize for s, dt in leaves)
 
-  spec = None
+  spec, parts = None, None
   if optimizer is not None:
-    from ._optimizers import optimizer_spec  # pylint: disable=import-outside-toplevel
-
-    spec = optimizer_spec(optimizer)
+    parts = _compose.parts(optimizer)
+    if len(parts.jadam) == 1 and not parts.others:  # a bare jadam optimizer
+      spec = parts.jadam[0]
   rule = spec.rule if spec is not None else _rule.Rule("adam")
   mu_dtype = mu_dtype or (spec.mu_dtype if spec is not None else None)
   nu_dtype = nu_dtype or (spec.nu_dtype if spec is not None else None)
-
-  def moment_dtype(name, dtype):
-    return (mu_dtype if name == "mu" else nu_dtype) or dtype
 
   def grad_dtype(dtype):
     if accumulation_steps > 1:
@@ -174,23 +175,33 @@ def memory_plan(
                       for x in jax.tree.leaves(state))
     else:
       opt_state = count_bytes + sum(
-          math.prod(s) * _itemsize(moment_dtype(name, dt))
-          for s, dt in leaves for name in rule.moment_names)
+          math.prod(s) * _itemsize(m)
+          for s, dt in leaves for m in moment_dtypes(rule, dt, mu_dtype, nu_dtype))
     return MemoryPlan("plain" if strategy == "plain" else strategy, n,
                       num_params, params_bytes, grads, opt_state)
 
-  if optimizer is not None and spec is None:
+  if optimizer is not None and spec is None and (len(parts.jadam) != 1 or parts.unknown()):
     raise ValueError(
-        f"`jadam.memory_plan(strategy={strategy!r})` needs a jadam optimizer "
-        f"(ZeRO applies a jadam rule to flat slices), got {optimizer!r}")
-  from .parallel._zero import zero_pad_multiple  # pylint: disable=import-outside-toplevel
-
+        f"`jadam.memory_plan(strategy={strategy!r})` needs a jadam optimizer, "
+        "bare or in an optax.chain with elementwise transformations or "
+        "optax.clip_by_global_norm (ZeRO applies a jadam rule to flat slices), "
+        f"got {optimizer!r}")
   layout = FlatLayout.from_tree(
       [jax.ShapeDtypeStruct(s, dt) for s, dt in leaves],
-      pad_multiple=zero_pad_multiple(n))
-  opt_state = count_bytes + sum(
-      b.length // n * _itemsize(moment_dtype(name, b.dtype))
-      for b in layout.buffers for name in rule.moment_names)
+      pad_multiple=sharded_pad_multiple(n))
+  if spec is None and optimizer is not None:
+    # The optimizer's own state for the packed buffers: packed arrays are
+    # split over the devices, the rest (counts, scalars) replicated.
+    state = jax.eval_shape(optimizer.init, layout.shape_dtypes())
+    opt_state = 0
+    for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, Packed)):
+      share = n if isinstance(x, Packed) else 1
+      opt_state += sum(math.prod(a.shape) * _itemsize(a.dtype) // share
+                       for a in jax.tree.leaves(x))
+  else:
+    opt_state = count_bytes + sum(
+        b.length // n * _itemsize(m)
+        for b in layout.buffers for m in moment_dtypes(rule, b.dtype, mu_dtype, nu_dtype))
   if strategy == "zero1":
     grads = sum(math.prod(s) * grad_dtype(dt).itemsize for s, dt in leaves)
   else:

@@ -84,6 +84,12 @@ def check_choice(fn: str, name: str, value, choices) -> None:
     raise ValueError(f"`{fn}({name}=...)` must be one of {tuple(choices)}, got {value!r}")
 
 
+def dtype_of(x) -> np.dtype:
+  """The dtype of an array, ``jax.ShapeDtypeStruct``, tracer or Python scalar."""
+  dt = getattr(x, "dtype", None)
+  return np.dtype(dt) if dt is not None else np.dtype(jnp.asarray(x).dtype)
+
+
 def _is_none(x) -> bool:
   return x is None
 

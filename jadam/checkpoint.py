@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import collections.abc
 import os
 from typing import Any
 
@@ -115,7 +116,7 @@ def _flat_buffer_paths(state) -> set[str]:
     prefix = jax.tree_util.keystr(path)
     for name in node._fields[1:]:
       moment = getattr(node, name)
-      if isinstance(moment, dict):
+      if isinstance(moment, collections.abc.Mapping):
         for sub, _ in jax.tree_util.tree_leaves_with_path(moment):
           out.add(f"{prefix}.{name}{jax.tree_util.keystr(sub)}")
   return out

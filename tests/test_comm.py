@@ -4,6 +4,9 @@ strategy's compiled step."""
 
 from __future__ import annotations
 
+import fractions
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +15,6 @@ import pytest
 import jadam
 import jadam.parallel
 from jadam.parallel import _comm
-from test_parallel import init_params
 from test_parallel import make_batches
 from test_parallel import mse
 
@@ -100,8 +102,14 @@ def test_parses_every_collective():
   ar1 = by_name["ar1"]  # empty groups: every device
   assert ar1.group_size == 8 and ar1.bytes_sent == 2 * 7 / 8 * 4
 
-  assert report.bytes_per_device == round(sum(c.bytes_sent for c in report.collectives))
-  assert report.by_kind["reduce-scatter"] == round(rs.bytes_sent + r.bytes_sent)
+  # The send model applied by hand to every collective above.
+  want = {"all-reduce": 2 * 3 / 4 * (1024 * 4 + 4 * 256 * 2) + 2 * 7 / 8 * 4,
+          "all-gather": 3 * 128 * 4 + 5 * 7 * 128 * 4,
+          "collective-permute": 1024 * 4,
+          "reduce-scatter": 5 * 7 / 8 * 1024 * 4 + 3 / 4 * 1024 * 4,
+          "all-to-all": 3 / 4 * 1024 * 4}
+  assert report.by_kind == {k: round(v) for k, v in want.items()}
+  assert report.bytes_per_device == round(sum(want.values())) == 56839
   assert "total per device" in str(report)
 
 
@@ -140,22 +148,76 @@ def test_needs_an_entry():
     _comm.parse_hlo_collectives("HloModule m\n")
 
 
+def mlp_params(hidden: int) -> dict:
+  """test_parallel's MLP (``mse``) at another width: ``6 hidden + 1`` params."""
+  rng = np.random.default_rng(0)
+  return {"w1": rng.normal(0, 0.5, (4, hidden)).astype(np.float32),
+          "b1": np.zeros((hidden,), np.float32),
+          "w2": rng.normal(0, 0.5, (hidden, 1)).astype(np.float32),
+          "b2": np.zeros((1,), np.float32)}
+
+
+def expected_bytes(strategy: str, num_params: int, n: int, k: int,
+                   grad_bytes: int = 4, loss_bytes: int = 4) -> dict:
+  """Bytes one device sends per step, by kind of collective, for a model of
+  ``num_params`` parameters on ``n`` devices with ``k`` micro-batches.
+
+  The send model of jadam/parallel/_comm.py's docstring (ring algorithms,
+  per device, over a group of ``n``): all-reduce ``2 (n - 1) / n`` of its
+  operand, reduce-scatter ``(n - 1) / n`` of its input, all-gather
+  ``(n - 1)`` times its shard. Exact fractions; ``comm_report`` rounds each
+  kind's sum to whole bytes.
+  """
+  f = fractions.Fraction
+  all_reduce = lambda b: f(2 * (n - 1), n) * b  # noqa: E731
+  grads = num_params * grad_bytes
+  if strategy in ("shard_map", "pmap"):
+    # One pmean of (loss, grads) after the micro-batch loop.
+    return {"all-reduce": all_reduce(grads + loss_bytes)}
+  if strategy == "jit":
+    # GSPMD keeps the micro-batch accumulator replicated, so every
+    # micro-batch's gradient and loss are all-reduced inside the loop
+    # (BENCHMARKS.md, "Communication").
+    return {"all-reduce": k * all_reduce(grads + loss_bytes)}
+  assert strategy in ("zero1", "zero2"), strategy
+  # One flat float32 buffer, zero padded to a multiple of lcm(1024, n)
+  # elements (jadam/_layout.py: sharded_pad_multiple), split into n slices.
+  multiple = math.lcm(1024, n)
+  length = max(multiple, -(-num_params // multiple) * multiple)
+  reduce_scatter = f(n - 1, n) * length * grad_bytes
+  # Stage 1 reduce-scatters the accumulated gradient once; stage 2 every
+  # micro-batch's. Then one all-gather of the updated params' slices, and
+  # the mean of the per-device losses.
+  return {"reduce-scatter": (k if strategy == "zero2" else 1) * reduce_scatter,
+          "all-gather": (n - 1) * (length // n) * grad_bytes,
+          "all-reduce": all_reduce(loss_bytes)}
+
+
+@pytest.mark.parametrize("n,hidden,k", [
+    (8, 16, 1),   # 97 params: one 1024-element buffer for ZeRO
+    (8, 200, 2),  # 1201 params: padded to 2048
+    (6, 200, 3),  # 6 devices: padded to lcm(1024, 6) = 3072
+])
 @pytest.mark.parametrize("strategy", jadam.parallel.available_strategies())
-def test_every_strategy(strategy):
-  mesh = jax.make_mesh((8,), ("data",))
+def test_every_strategy(strategy, n, hidden, k):
+  mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+  params = mlp_params(hidden)
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  assert num_params == 6 * hidden + 1
   trainer = jadam.parallel.DataParallel(mse, jadam.adamw(1e-2), mesh,
-                                        strategy=strategy, accumulation_steps=2)
-  params, opt_state = trainer.init(init_params())
-  batch = make_batches(1)[0]
-  report = jadam.parallel.comm_report(trainer, params, opt_state, batch)
+                                        strategy=strategy, accumulation_steps=k)
+  dp_params, opt_state = trainer.init(params)
+  batch = make_batches(1, size=2 * n * k)[0]
+  report = jadam.parallel.comm_report(trainer, dp_params, opt_state, batch)
   assert isinstance(report, jadam.parallel.CommReport)
-  num_params = sum(x.size for x in jax.tree.leaves(init_params()))
-  got = jadam.parallel.comm_bytes(trainer, params, opt_state, batch)
-  assert got == report.bytes_per_device
-  # At least the all-reduce of a float32 gradient: 2 (n - 1) / n of it.
-  assert got >= 2 * 7 / 8 * 4 * num_params
+  assert report.num_devices == n and report.unknown_trip_counts == ()
+  want = expected_bytes(strategy, num_params, n, k)
+  assert report.by_kind == {kind: round(b) for kind, b in want.items()}
+  total = round(sum(want.values()))
+  assert report.bytes_per_device == total
+  assert jadam.parallel.comm_bytes(trainer, dp_params, opt_state, batch) == total
   # Reading the HLO ran and donated nothing.
-  params, opt_state, loss = trainer.step(params, opt_state, batch)
+  dp_params, opt_state, loss = trainer.step(dp_params, opt_state, batch)
   assert np.isfinite(float(loss))
 
 
@@ -174,10 +236,15 @@ def test_counts_what_xla_runs_not_what_was_written():
     p, s = trainer.init(jax.tree.map(lambda x: x.astype(dtype), params))
     reports[dtype] = jadam.parallel.comm_report(
         trainer, p, s, np.ones((8, 64), np.float32).astype(dtype))
+  # One pmean of (loss, gradient): 64 x 256 gradient elements and a scalar.
+  as_f32 = round(expected_bytes("shard_map", 64 * 256, 8, 1)["all-reduce"])
+  as_bf16 = round(expected_bytes("shard_map", 64 * 256, 8, 1, grad_bytes=2,
+                                 loss_bytes=2)["all-reduce"])
+  assert reports[jnp.float32].bytes_per_device == as_f32 == 114695
   (ar,) = reports[jnp.bfloat16].collectives
   if jax.default_backend() == "cpu":
-    assert ar.operands[0] == "f32[64,256]"
-    assert (reports[jnp.bfloat16].bytes_per_device
-            == reports[jnp.float32].bytes_per_device)
+    assert ar.operands == ("f32[64,256]", "f32[]")
+    assert reports[jnp.bfloat16].bytes_per_device == as_f32
   else:
     assert ar.operands[0] in ("f32[64,256]", "bf16[64,256]")
+    assert reports[jnp.bfloat16].bytes_per_device in (as_f32, as_bf16)

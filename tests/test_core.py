@@ -96,17 +96,19 @@ def test_state_never_aliases_params_and_both_donate(name):
   donating = jax.jit(train_step.__wrapped__, donate_argnums=(0, 1))
   expect = train_step(params, state, grads_like(params, 0))
   got = donating(params, state, grads_like(params, 0))
-  chex.assert_trees_all_close(got, expect, rtol=0, atol=0)
-  assert all(x.is_deleted() for x in jax.tree.leaves(params) if x.size)
+  chex.assert_trees_all_equal(got, expect)  # donation changes nothing, to the bit
+  # Both params and state were donated (every array with bytes to reuse).
+  assert all(x.is_deleted() for x in jax.tree.leaves((params, state)) if x.size)
 
 
 def test_functional_step_donates_params_and_state():
   params = nested_tree()
   state = jadam.init(params)
   step = jax.jit(jadam.step, donate_argnums=(1, 2))
+  expect = jax.jit(jadam.step)(grads_like(params, 0), state, params)
   new_params, new_state = step(grads_like(params, 0), state, params)
   assert all(x.is_deleted() for x in jax.tree.leaves((params, state)) if x.size)
-  chex.assert_tree_all_finite((new_params, new_state))
+  chex.assert_trees_all_equal((new_params, new_state), expect)
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "nadam", "amsgrad", "radam", "lamb"])
@@ -130,21 +132,32 @@ def test_complex_params_follow_optax(name):
 
 
 @pytest.mark.parametrize("name", list(ALL))
-def test_float16_zero_gradients_stay_finite(name):
-  """optax issue 1754: in float16, eps=1e-8 rounds to 0 and 0/0 gives NaN."""
-  params = {"w": jnp.ones((4, 4), jnp.float16), "b": jnp.zeros((4,), jnp.float16)}
+def test_float16_zero_gradients_give_exact_updates_and_zero_moments(name):
+  """optax issue 1754: in float16, eps=1e-8 rounds to 0 and 0/0 gives NaN.
+
+  jadam computes in float32: zero gradients leave every moment exactly 0, and
+  the update is exactly optax's float32 update (0, or the weight decay's)
+  rounded once to float16."""
+  params = {"w": jnp.full((4, 4), 0.75, jnp.float16), "b": jnp.zeros((4,), jnp.float16)}
   zeros = jax.tree.map(jnp.zeros_like, params)
   tx = ALL[name]()
+  ref = getattr(optax, name)(*((1e-2,) if name != "scale_by_adam" else ()),
+                             **dict(adamw=dict(weight_decay=0.1),
+                                    lamb=dict(weight_decay=0.01)).get(name, {}))
+  up = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
   state, p = tx.init(params), params
   update = jax.jit(tx.update)
   for _ in range(5):
     u, state = update(zeros, state, p)
-    chex.assert_tree_all_finite((u, state))
+    u_ref, _ = jax.jit(ref.update)(up(zeros), ref.init(up(p)), up(p))
+    chex.assert_trees_all_equal(u, jax.tree.map(lambda x: x.astype(jnp.float16), u_ref))
+    for name_, moment in state._asdict().items():
+      if name_ != "count":
+        assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(moment)), name_
     p = optax.apply_updates(p, u)
-  chex.assert_tree_all_finite(p)
-  # The functional core too.
+  # The functional core too: zero updates, zero moments.
   u, s = jadam.update(zeros, jadam.init(params), params)
-  chex.assert_tree_all_finite((u, s))
+  chex.assert_trees_all_equal((u, s.mu, s.nu), (zeros, zeros, zeros))
 
 
 def test_optax_float16_zero_gradients_give_nan():
@@ -166,8 +179,16 @@ def test_learning_rate_array_does_not_retrace():
     return optax.apply_updates(params, u), state
 
   state, p = jadam.init(params), params
+  ref = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+  ref_update = jax.jit(ref.update)
+  ref_state, ref_p = ref.init(params), params
   for i, lr in enumerate([1e-3, 2e-3, 5e-4, 1e-2]):
     p, state = train_step(jnp.asarray(lr, jnp.float32), grads_like(params, i), state, p)
+    ref_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    u, ref_state = ref_update(grads_like(params, i), ref_state, ref_p)
+    ref_p = optax.apply_updates(ref_p, u)
+  # Each new learning rate took effect, as in optax (same values).
+  chex.assert_trees_all_close(p, ref_p, rtol=1e-6, atol=0)
   # The learning rate really is used: a zero learning rate leaves params alone.
   p0, _ = train_step(jnp.asarray(0.0, jnp.float32), grads_like(params, 9), state, p)
   chex.assert_trees_all_equal(p0, p)
@@ -278,6 +299,27 @@ def test_mask_of_another_structure_raises():
     tx.init(params)
 
 
+@pytest.mark.parametrize("layout", ["tree", "flat"])
+def test_callable_mask_equals_optax(layout):
+  """A callable mask (called with the params) decays exactly where optax's does."""
+  params = nested_tree()
+  mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
+  tx = jadam.adamw(1e-2, weight_decay=0.3, mask=mask, layout=layout)
+  ref = optax.adamw(1e-2, weight_decay=0.3, mask=mask)
+  s, rs, p, rp = tx.init(params), ref.init(params), params, params
+  for i in range(5):
+    g = grads_like(params, i)
+    u, s = jax.jit(tx.update)(g, s, p)
+    ru, rs = jax.jit(ref.update)(g, rs, rp)
+    p, rp = optax.apply_updates(p, u), optax.apply_updates(rp, ru)
+  chex.assert_trees_all_close(p, rp, rtol=1e-6, atol=0)
+  # The mask mattered: without it the result is another.
+  unmasked = optax.adamw(1e-2, weight_decay=0.3)
+  u_all, _ = unmasked.update(grads_like(params, 0), unmasked.init(params), params)
+  u_mask, _ = ref.update(grads_like(params, 0), ref.init(params), params)
+  assert not np.allclose(u_all["dense"]["b"], u_mask["dense"]["b"])
+
+
 def test_mask_prefix_and_callable_work():
   params = {"enc": {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}, "head": jnp.ones(3)}
   grads = jax.tree.map(jnp.zeros_like, params)
@@ -323,14 +365,14 @@ def test_missing_params_and_wrong_state_are_named():
 
 def test_new_float_learning_rate_does_not_recompile_eager_update():
   """Learning rate and weight decay are traced float32, even from Python floats."""
-  from jadam import _core
+  from jadam import _update
 
   params = {"w": jnp.ones((2, 3))}
   state = jadam.init(params)
   jadam.update(params, state, params, learning_rate=1e-3, weight_decay=0.1)
-  size = _core._tree_update_jit._cache_size()
+  size = _update._jitted._cache_size()
   for lr in (2e-3, 3e-3, 4e-3):
     u, _ = jadam.update(params, state, params, learning_rate=lr, weight_decay=lr)
-  assert _core._tree_update_jit._cache_size() == size
+  assert _update._jitted._cache_size() == size
   ref, _ = jax.jit(optax.adamw(4e-3, weight_decay=4e-3).update)(params, optax.adamw(4e-3).init(params), params)
   chex.assert_trees_all_close(u, ref, rtol=1e-6, atol=0)

@@ -1,7 +1,8 @@
 """The example programs run end to end (briefly) and print what they promise.
 
 Each runs as a subprocess with a small ``--steps``, a timeout, and fake CPU
-devices; the assertions read its stdout.
+devices; the assertions read its stdout and compare its numbers with a
+reference run of the same program: optax's optimizer, or one device.
 """
 
 from __future__ import annotations
@@ -42,6 +43,22 @@ def read_float(pattern: str, text: str) -> float:
   return float(match.group(1))
 
 
+def printed_units(numbers: dict[str, str]) -> dict[str, int]:
+  """Printed decimals as integers in units of their last digit."""
+  return {k: int(v.replace(".", "")) for k, v in numbers.items()}
+
+
+def assert_same_to_last_digit(ours: dict[str, str], theirs: dict[str, str]):
+  """Two runs that agree to float32 rounding print the same numbers, give or
+  take one unit in the last printed digit (a rounding boundary between
+  them)."""
+  assert ours.keys() == theirs.keys(), (ours, theirs)
+  decimals = lambda v: len(v.partition(".")[2])
+  assert all(decimals(ours[k]) == decimals(theirs[k]) for k in ours)
+  a, b = printed_units(ours), printed_units(theirs)
+  assert all(abs(a[k] - b[k]) <= 1 for k in a), (ours, theirs)
+
+
 DIGITS_ARGS = ("--steps", "60", "--fake-devices", "2")
 
 
@@ -69,14 +86,27 @@ def test_train_digits_optax_prints_the_same(digits_jadam):
     assert ours and ours == theirs, (ours, theirs)
 
 
+# A few steps of a tiny transformer, bfloat16 moments.
+LM_ARGS = ("--steps", "6", "--log-every", "3", "--mu-dtype", "bfloat16",
+           "--nu-dtype", "bfloat16", "--batch-size", "8", "--seq-len", "32",
+           "--d-model", "32", "--layers", "1", "--heads", "2",
+           "--sample-chars", "20")
+
+
+def loss_curve(out: str) -> dict[str, str]:
+  """The printed losses: ``{"3 train": "4.544", "3 val": "4.166", ...}``."""
+  curve = {}
+  for m in re.finditer(
+      r"^step +(\d+)  train loss ([\d.]+)  val loss ([\d.]+)$", out, re.M):
+    curve[f"{m[1]} train"], curve[f"{m[1]} val"] = m[2], m[3]
+  return curve
+
+
 @pytest.mark.skipif("zero1" not in jadam.parallel.available_strategies(),
                     reason="the zero1 strategy is not built yet")
 def test_train_lm_zero1_bfloat16_moments():
-  proc = run_example(
-      "train_lm.py", "--steps", "6", "--log-every", "3", "--fake-devices",
-      "4", "--strategy", "zero1", "--mu-dtype", "bfloat16", "--nu-dtype",
-      "bfloat16", "--batch-size", "8", "--seq-len", "32", "--d-model", "32",
-      "--layers", "1", "--heads", "2", "--sample-chars", "20")
+  proc = run_example("train_lm.py", *LM_ARGS, "--fake-devices", "4",
+                     "--strategy", "zero1")
   out = proc.stdout
   assert "mu bfloat16, nu bfloat16" in out and "strategy zero1 on 4" in out
   uniform = read_float(r"uniform loss ([\d.]+)", out)
@@ -91,3 +121,38 @@ def test_train_lm_zero1_bfloat16_moments():
   assert sample.startswith("MENENIUS:\n")
   assert len(sample) == len("MENENIUS:\n") + 20
   assert read_float(r"^wall time: ([\d.]+) s$", out) > 0
+
+  # ZeRO over 4 devices gives a single-device run's results: the same
+  # program on one device (same seed, same batches, same moment dtypes)
+  # prints the same loss curve.
+  reference = run_example("train_lm.py", *LM_ARGS, "--fake-devices", "1",
+                          "--strategy", "shard_map")
+  assert "strategy shard_map on 1" in reference.stdout
+  ours, theirs = loss_curve(out), loss_curve(reference.stdout)
+  assert len(ours) == 4, out
+  assert_same_to_last_digit(ours, theirs)
+
+
+def final_line(out: str) -> dict[str, str]:
+  """data_parallel.py's summary: ``first loss 1.4835, final loss ...``."""
+  match = re.search(r"^first loss ([\d.]+), final loss ([\d.]+), "
+                    r"accuracy ([\d.]+), \|w1\| ([\d.]+)$", out, re.M)
+  assert match, out
+  return dict(zip(("first loss", "final loss", "accuracy", "|w1|"),
+                  match.groups()))
+
+
+def test_data_parallel_aux_matches_one_device():
+  """8 devices x 2 micro-batches against one device on the same global
+  batches: the losses, the params' norm, and the accuracy, which is the
+  ``has_aux`` output averaged over devices and micro-batches (a sum over
+  them would print more than 1; one device's share, a multiple of 1/32)."""
+  args = ("--steps", "30", "--strategy", "shard_map")
+  proc = run_example("data_parallel.py", *args, "--fake-devices", "8",
+                     "--accumulation-steps", "2")
+  reference = run_example("data_parallel.py", *args, "--fake-devices", "1")
+  assert "1 processes, 8 devices" in proc.stdout
+  assert "1 processes, 1 devices" in reference.stdout
+  ours, theirs = final_line(proc.stdout), final_line(reference.stdout)
+  assert float(ours["final loss"]) < float(ours["first loss"])  # it trained
+  assert_same_to_last_digit(ours, theirs)

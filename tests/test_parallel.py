@@ -409,8 +409,8 @@ def test_flat_layout_matches_single_device_full_batch(strategy, opt_name):
   trainer = jadam.parallel.DataParallel(mse, opt, make_mesh(), strategy=strategy,
                                         layout="flat", accumulation_steps=2)
   params, opt_state = trainer.init(init_params())
-  layout = trainer.flat_layout
-  assert layout is not None and set(layout.keys) == {"float32"}
+  layout = params.layout  # packed params carry their FlatLayout
+  assert isinstance(layout, jadam.FlatLayout) and set(layout.keys) == {"float32"}
   losses = []
   for batch in make_batches():
     params, opt_state, loss = trainer.step(params, opt_state, batch)

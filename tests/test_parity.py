@@ -165,7 +165,8 @@ def test_jit_and_eager_agree(name):
     u_e, s_eager = tx.update(g, s_eager, p_eager)
     u_j, s_jit = update(g, s_jit, p_jit)
     p_eager, p_jit = optax.apply_updates(p_eager, u_e), optax.apply_updates(p_jit, u_j)
-    chex.assert_trees_all_close((u_e, p_eager, s_eager), (u_j, p_jit, s_jit), rtol=1e-6, atol=0)
+    # Eager calls run the same compiled update as jitted ones: equal to the bit.
+    chex.assert_trees_all_equal((u_e, p_eager, s_eager), (u_j, p_jit, s_jit))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -60,12 +60,12 @@ def measured_grads(trainer, params, batch) -> int:
       grads = jax.jit(jax.grad(loss_fn), out_shardings=strategy.replicated())(
           params, placed)
     elif trainer.strategy == "zero1":  # each device's full local gradient
-      layout = strategy.layout
+      layout = strategy.layout_for(params)
       _, _, grads = jax.jit(lambda p, b: strategy.local_grads(
           strategy.config, layout, p, strategy.split_batch(b)))(params, placed)
     else:  # zero2: only its slice of the reduced gradient
       _, _, grads = jax.jit(functools.partial(strategy.reduced_grads,
-                                              strategy.layout))(params, placed)
+                                              strategy.layout_for(params)))(params, placed)
   return device0_bytes(grads)
 
 

@@ -22,6 +22,15 @@ Method (the same for every case and implementation):
 * ``peak_bytes`` (JAX) is the compiled step's static buffer assignment from
   ``compiled.memory_analysis()``: arguments + outputs - donated aliases +
   temporaries. For torch it is the CUDA allocator's peak on GPU, else None.
+* ``max_abs_diff_vs_optax`` and ``max_rel_diff_vs_optax`` check that each
+  implementation computes what optax does: after the run, its params against
+  optax's params after the same number of steps (``diff_steps``: warm-up,
+  untimed and timed steps together) from the same initial params with the
+  same gradients (same batch in the train case). The maximum over all
+  elements of ``|p - p_optax|`` and of ``|p - p_optax| / |p_optax|``
+  (elements where ``p_optax == 0`` count in the absolute one only), in the
+  params' dtype, at least float32. 0 for optax itself; None for
+  ``optax_sgd`` (not Adam).
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ import numpy as np
 import optax
 
 import jadam
-from jadam._flat import FlatLayout
+from jadam import FlatLayout
 
 LEARNING_RATE = 1e-3
 ADAM_BYTES_PER_PARAM = 28  # float32: read p, g, m, v; write p, m, v.
@@ -127,13 +136,23 @@ CASES = ("a", "b", "c", "d", "e")
 
 
 class Runner:
-  """One implementation on one case: ``step()`` runs one complete step."""
+  """One implementation on one case: ``step()`` runs one complete step;
+  ``steps_run`` counts them and ``params()`` reads the params they reached."""
 
   compile_s: float | None = None
   peak_bytes: int | None = None
   peak_source: str | None = None
+  steps_run: int = 0
 
   def step(self) -> None:
+    self._step()
+    self.steps_run += 1
+
+  def _step(self) -> None:
+    raise NotImplementedError
+
+  def params(self) -> list:
+    """The current params as leaves in the tree's flattening order."""
     raise NotImplementedError
 
   def close(self) -> None:
@@ -152,9 +171,14 @@ def _peak_from_memory_analysis(compiled) -> int | None:
 
 
 class JaxRunner(Runner):
-  """A donated, ahead-of-time compiled step ``fn(carry0, carry1, *rest) -> (carry0, carry1, ...)``."""
+  """A donated, ahead-of-time compiled step ``fn(carry0, carry1, *rest) -> (carry0, carry1, ...)``.
 
-  def __init__(self, fn: Callable, args: tuple, n_carry: int = 2):
+  ``carry0`` is the params; ``unpack`` maps it to a tree of params (for a
+  packed carry).
+  """
+
+  def __init__(self, fn: Callable, args: tuple, n_carry: int = 2,
+               unpack: Callable | None = None):
     t0 = time.perf_counter()
     jitted = jax.jit(fn, donate_argnums=tuple(range(n_carry)))
     self._compiled = jitted.lower(*args).compile()
@@ -163,11 +187,16 @@ class JaxRunner(Runner):
     self.peak_source = "xla memory_analysis"
     self._args = list(args)
     self._n_carry = n_carry
+    self._unpack = unpack
 
-  def step(self) -> None:
+  def _step(self) -> None:
     out = self._compiled(*self._args)
     jax.block_until_ready(out)
     self._args[:self._n_carry] = out[:self._n_carry]
+
+  def params(self) -> list:
+    p = self._args[0]
+    return jax.tree.leaves(p if self._unpack is None else self._unpack(p))
 
   def close(self) -> None:
     self._args = None
@@ -195,10 +224,13 @@ class TorchRunner(Runner):
       torch.cuda.reset_peak_memory_stats()
       self.peak_source = "torch.cuda.max_memory_allocated"
 
-  def step(self) -> None:
+  def _step(self) -> None:
     self._opt.step()
     if self._cuda:
       self._torch.cuda.synchronize()
+
+  def params(self) -> list:
+    return [p.detach().cpu().numpy() for p in self._params]
 
   def peak(self) -> int | None:
     return int(self._torch.cuda.max_memory_allocated()) if self._cuda else None
@@ -265,7 +297,8 @@ def build_optimizer_runners(case: Case, impls, device, jax_device) -> tuple[dict
       layout = FlatLayout.from_tree(params)
       packed = jax.jit(layout.pack)(params)
       runners[impl] = JaxRunner(
-          _flat_step(), (packed, jadam.init(packed), jax.jit(layout.pack)(grads))
+          _flat_step(), (packed, jadam.init(packed), jax.jit(layout.pack)(grads)),
+          unpack=layout.unpack,
       )
     elif impl == "optax_sgd":
       tx = optax.sgd(LEARNING_RATE)
@@ -322,7 +355,8 @@ def build_train_runners(case: Case, impls, jax_device) -> tuple[dict, int, int]:
         return packed, state, value
 
       packed = jax.jit(layout.pack)(params)
-      runners[impl] = JaxRunner(flat_step, (packed, jadam.init(packed), tokens))
+      runners[impl] = JaxRunner(flat_step, (packed, jadam.init(packed), tokens),
+                                unpack=layout.unpack)
     # torch has no Flax model: the train case is JAX only.
   leaves = jax.tree.leaves(params)
   return runners, sum(x.size for x in leaves), len(leaves)
@@ -351,6 +385,53 @@ def _interleaved_times(runners: dict[str, Runner], steps: int, rounds: int,
         times[name].append(time.perf_counter() - t0)
     progress()
   return times
+
+
+@jax.jit
+def _leaf_diffs(x, ref):
+  dtype = jnp.promote_types(ref.dtype, jnp.float32)
+  x, ref = x.astype(dtype), ref.astype(dtype)
+  diff = jnp.abs(x - ref)
+  rel = jnp.where(ref != 0, diff / jnp.where(ref != 0, jnp.abs(ref), 1), 0)
+  # max of an empty leaf: 0
+  return jnp.stack([jnp.max(diff, initial=0), jnp.max(rel, initial=0)])
+
+
+def params_diff(leaves: list, ref_leaves: list) -> tuple[float, float]:
+  """``(max |x - ref|, max |x - ref| / |ref|)`` over all elements of two
+  lists of leaves (the relative one where ``ref != 0``), computed on device
+  leaf by leaf (no full-size copy to the host)."""
+  if len(leaves) != len(ref_leaves):
+    raise ValueError(f"{len(leaves)} leaves against {len(ref_leaves)}")
+  per_leaf = []
+  for x, ref in zip(leaves, ref_leaves):
+    if np.shape(x) != np.shape(ref):
+      raise ValueError(f"a leaf of shape {np.shape(x)} against {np.shape(ref)}")
+    per_leaf.append(_leaf_diffs(jnp.asarray(x), ref))
+  if not per_leaf:
+    return 0.0, 0.0
+  # NaN propagates: a NaN param shows as a NaN difference.
+  abs_max, rel_max = np.asarray(jnp.max(jnp.stack(per_leaf), axis=0))
+  return float(abs_max), float(rel_max)
+
+
+def _diffs_vs_optax(runners: dict[str, Runner]) -> dict[str, tuple]:
+  """Per implementation ``(max abs diff, max rel diff, steps)`` of its params
+  from optax's, after the same number of steps from the same start."""
+  ref = runners.get("optax")
+  if ref is None:
+    return {}
+  ref_leaves = ref.params()
+  out = {}
+  for impl, r in runners.items():
+    if impl == "optax_sgd" or impl.startswith("_"):
+      continue  # optax_sgd is not Adam; "_copy" is the bandwidth reference
+    if r.steps_run != ref.steps_run:
+      raise RuntimeError(
+          f"jadam.bench: {impl} ran {r.steps_run} steps and optax {ref.steps_run}; "
+          "their params cannot be compared")
+    out[impl] = params_diff(r.params(), ref_leaves) + (r.steps_run,)
+  return out
 
 
 def _copy_runner(n_elements: int, jax_device) -> JaxRunner:
@@ -382,10 +463,13 @@ def run(
 
   Returns:
     Records with keys ``case, impl, median_ms, speedup_vs_optax, compile_s,
-    gb_per_s, bandwidth_fraction, peak_bytes`` and context (``iqr_ms``: the
+    gb_per_s, bandwidth_fraction, peak_bytes, max_abs_diff_vs_optax,
+    max_rel_diff_vs_optax`` and context (``iqr_ms``: the
     interquartile range of the step times, ``n_params``,
     ``n_leaves``, ``bytes_per_param``, ``copy_gb_per_s``, ``steps``,
-    ``device``, ``peak_source``, ``title``).
+    ``diff_steps``: the steps after which params were compared with optax's,
+    ``device``, ``peak_source``, ``title``). The differences are None
+    without an optax row and for ``optax_sgd``.
   """
   if device not in ("cpu", "gpu"):
     raise ValueError(f"`device` must be 'cpu' or 'gpu', got {device!r}")
@@ -433,6 +517,7 @@ def run(
           runners, steps, rounds, warmup=2,
           progress=(lambda: None) if bar is None else (lambda: bar.update(1)),
       )
+      diffs = _diffs_vs_optax(runners)
       copy_s = statistics.median(times.pop("_copy"))
       copy_gbs = 2 * 4 * copy_elems / copy_s / 1e9
       runners.pop("_copy").close()
@@ -444,6 +529,7 @@ def run(
         model_bytes = SGD_BYTES_PER_PARAM if impl == "optax_sgd" else ADAM_BYTES_PER_PARAM
         gbs = model_bytes * n_params / med / 1e9 if case.kind == "optimizer" else None
         q1, _, q3 = statistics.quantiles(ts, n=4)
+        abs_diff, rel_diff, diff_steps = diffs.get(impl, (None, None, None))
         records.append(dict(
             case=name, impl=impl, median_ms=med * 1e3, iqr_ms=(q3 - q1) * 1e3,
             speedup_vs_optax=(base / med) if base else None,
@@ -452,7 +538,8 @@ def run(
             peak_bytes=peak, title=case.title, n_params=int(n_params), n_leaves=int(n_leaves),
             bytes_per_param=model_bytes if case.kind == "optimizer" else None,
             copy_gb_per_s=copy_gbs, steps=len(ts), device=str(jax_device),
-            peak_source=r.peak_source,
+            peak_source=r.peak_source, max_abs_diff_vs_optax=abs_diff,
+            max_rel_diff_vs_optax=rel_diff, diff_steps=diff_steps,
         ))
         r.close()
       del runners
@@ -468,10 +555,19 @@ def _fmt(x, spec: str) -> str:
   return "-" if x is None else format(x, spec)
 
 
+def _fmt_diff(r: dict) -> str:
+  a, b = r.get("max_abs_diff_vs_optax"), r.get("max_rel_diff_vs_optax")
+  if a is None:
+    return "-"
+  if a == 0 and b == 0:
+    return "0"
+  return f"{a:.0e}/{b:.0e}"
+
+
 def format_table(records: list[dict]) -> str:
   """A fixed-width text table (also valid Markdown)."""
   head = ("case", "impl", "params", "leaves", "median ms", "IQR", "vs optax", "compile s",
-          "GB/s (model)", "of copy BW", "peak MB")
+          "GB/s (model)", "of copy BW", "peak MB", "diff vs optax abs/rel")
   rows = [head]
   for r in records:
     rows.append((
@@ -482,6 +578,7 @@ def format_table(records: list[dict]) -> str:
         _fmt(r["compile_s"], ".2f"), _fmt(r["gb_per_s"], ".2f"),
         "-" if r["bandwidth_fraction"] is None else f"{100 * r['bandwidth_fraction']:.0f}%",
         "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}",
+        _fmt_diff(r),
     ))
   widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
   lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 
 PyTree = Any
 # Cuts a batch leaf into micro-batches: (b, ...) -> (k, b // k, ...).
@@ -60,6 +60,12 @@ class StepConfig:
     rows = np.moveaxis(self.mesh.devices, axis, 0).reshape(self.num_shards, -1)
     me = jax.process_index()
     return sum(any(d.process_index == me for d in row) for row in rows)
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+  """``mesh`` with every axis ``Auto`` (GSPMD propagates the shardings)."""
+  return Mesh(mesh.devices, mesh.axis_names,
+              axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 class Strategy(abc.ABC):

@@ -23,6 +23,7 @@ from ._common import PyTree
 from ._common import StepConfig
 from ._common import Strategy
 from ._common import apply_optimizer
+from ._common import auto_mesh
 from ._common import check_batch
 from ._common import mean_loss_and_grads
 from ._common import put_batch_leaf
@@ -30,12 +31,6 @@ from ._common import put_params
 from ._common import register_strategy
 from ._common import split_local
 from ._common import to_host
-
-
-def _auto_mesh(mesh: Mesh) -> Mesh:
-  """``mesh`` with every axis ``Auto`` (GSPMD propagates the shardings)."""
-  return Mesh(mesh.devices, mesh.axis_names,
-              axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 class _Replicated(Strategy):
@@ -117,7 +112,7 @@ class JitStrategy(_Replicated):
 
   def __init__(self, config: StepConfig):
     super().__init__(config)
-    self._mesh = _auto_mesh(config.mesh)
+    self._mesh = auto_mesh(config.mesh)
 
   def sharding_mesh(self) -> Mesh:
     return self._mesh

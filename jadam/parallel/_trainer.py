@@ -15,7 +15,8 @@ from . import _strategies  # noqa: F401  (registers the built-in strategies)
 from ._common import PyTree
 from ._common import StepConfig
 from ._common import get_strategy
-from .._flat import FlatLayout
+from .._layout import FlatLayout
+from .._packed import Packed
 
 
 class DataParallel:
@@ -148,13 +149,13 @@ class DataParallel:
           f"`DataParallel(strategy={strategy!r})` keeps its state in the "
           "sharded flat layout already; use layout='tree' (the default)")
     self._layout = layout
-    self._flat: FlatLayout | None = None
     if layout == "flat":
       user_loss_fn = loss_fn
 
       def loss_fn(packed, batch):  # pylint: disable=function-redefined
-        # The FlatLayout is set by init, before the step is first traced.
-        return user_loss_fn(self._flat.unpack(packed), batch)
+        # The packed params carry their FlatLayout (static): a step traced
+        # for one model never sees another's layout.
+        return user_loss_fn(packed.layout.unpack(packed), batch)
 
     if jax.process_count() > 1 and strategy_cls.multiprocess_unsupported:
       raise ValueError(
@@ -199,12 +200,6 @@ class DataParallel:
     """``"tree"`` or ``"flat"`` (params packed end to end)."""
     return self._layout
 
-  @property
-  def flat_layout(self) -> FlatLayout | None:
-    """With ``layout="flat"``, the :class:`jadam.FlatLayout` of the params
-    last passed to :meth:`init` (``None`` before, or with ``"tree"``)."""
-    return self._flat
-
   def init(self, params: PyTree) -> tuple[PyTree, PyTree]:
     """Places ``params`` and creates the optimizer state in the strategy's
     layout.
@@ -214,14 +209,12 @@ class DataParallel:
         process. It is not donated.
 
     Returns:
-      ``(params, opt_state)`` ready for :meth:`step`.
+      ``(params, opt_state)`` ready for :meth:`step`. With ``layout="flat"``
+      the params are a :class:`jadam.Packed` value that carries its
+      :class:`jadam.FlatLayout` (``params.layout``).
     """
     if self._layout == "flat":
-      flat = FlatLayout.from_tree(params)
-      if flat != self._flat:  # a new packing: a new step (compiled on first use)
-        self._flat = flat
-        self._strategy = type(self._strategy)(self._config)
-      params = flat.pack(params)
+      params = FlatLayout.from_tree(params).pack(params)
     self._params_template = _shape_dtypes(params)
     return self._strategy.init(params)
 
@@ -253,9 +246,7 @@ class DataParallel:
         raise ValueError(
             "`DataParallel.abstract_state()` needs `params` (arrays or "
             "jax.ShapeDtypeStruct) until `init` has been called")
-    params = _shape_dtypes(params)
-    self._params_template = params
-    return _abstract_state(self._strategy, params)
+    return _abstract_state(self._strategy, _shape_dtypes(params))
 
   def step(self, params: PyTree, opt_state: PyTree, batch: PyTree):
     """One data-parallel step over a global batch.
@@ -309,16 +300,13 @@ class DataParallel:
       come back unpacked, as trees shaped like the params.
     """
     out = self._strategy.gather(tree)
-    if self._flat is None:
-      return out
-    flat = self._flat
 
     def is_packed(x):
-      return (isinstance(x, dict) and set(x) == set(flat.keys) and all(
-          np.shape(x[b.key]) == (b.length,) for b in flat.buffers))
+      return isinstance(x, Packed) and isinstance(x.layout, FlatLayout)
 
+    # Packed values unpack with the layout they carry, whatever init saw last.
     return jax.tree.map(
-        lambda x: jax.tree.map(np.asarray, flat.unpack(x)) if is_packed(x) else x,
+        lambda x: jax.tree.map(np.asarray, x.layout.unpack(x)) if is_packed(x) else x,
         out, is_leaf=is_packed)
 
   def __repr__(self) -> str:

@@ -1,0 +1,89 @@
+"""From an :class:`OptimizerSpec` to an ``optax.GradientTransformation``.
+
+One transformation serves every layout its inputs come in: tree params (tree
+or ``layout="flat"`` state), :class:`jadam.Packed` params (state packed like
+them: ``DataParallel(layout="flat")``), and ZeRO's slices (updated by the
+strategy's object passed as the extra argument :data:`SLICES_ARG`).
+"""
+
+from __future__ import annotations
+
+import optax
+
+from . import _compose
+from . import _core
+from . import _flat
+from . import _validate as V
+from ._packed import Packed
+
+LAYOUTS = ("tree", "flat")
+
+
+SLICES_ARG = "jadam_slices"
+"""The extra argument (``update(..., jadam_slices=...)``, passed through
+``optax.chain`` and other wrappers) by which a strategy that keeps the state
+in slices (ZeRO) hands a jadam optimizer the object that updates them: its
+``update(spec, decay_mask, updates, state, params)`` runs the rule on every
+device's slice."""
+
+
+def _mask_target(params):
+  # A mask is given the params' tree, also when the params arrive packed.
+  return params.layout.tree_shape_dtypes() if isinstance(params, Packed) else params
+
+
+def _transformation(spec: _core.OptimizerSpec, layout: str) -> optax.GradientTransformationExtraArgs:
+  """The optimizer of ``spec``: tree or flat state for tree params; for packed
+  params (:class:`jadam.Packed`, e.g. ``DataParallel(layout="flat")``) state
+  packed like them, one fused pass per buffer; for ZeRO's slices, the
+  strategy's own update of the slices."""
+  fn = spec.name
+  use_wd = spec.uses_weight_decay()
+  scale_lr = spec.learning_rate is not None
+
+  def init_fn(params):
+    if spec.mask is not None:
+      V.resolve_mask(fn, spec.mask, _mask_target(params))  # errors at init, not mid-training
+    if layout == "flat" and not isinstance(params, Packed):
+      return _flat.init_flat_state(fn, spec, params)
+    return _core.init_state(fn, spec.rule, params, spec.mu_dtype, spec.nu_dtype)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    decay_mask = None
+    if use_wd and spec.mask is not None and params is not None:
+      decay_mask = tuple(V.resolve_mask(fn, spec.mask, _mask_target(params)))
+    slices = extra_args.get(SLICES_ARG)
+    if slices is not None:
+      return slices.update(spec, decay_mask, updates, state, params)
+    hp = spec.hyper()  # schedules are evaluated inside the update's jit
+    if isinstance(updates, Packed):
+      return _flat.packed_update(fn, spec.rule, hp, updates, state, params,
+                                 decay_mask=decay_mask, scale_lr=scale_lr)
+    if layout == "flat":
+      return _flat.flat_update(fn, spec.rule, hp, updates, state, params,
+                               decay_mask=decay_mask, scale_lr=scale_lr)
+    return _core.tree_update(fn, spec.rule, hp, updates, state, params,
+                             decay_mask=decay_mask, scale_lr=scale_lr)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def build(spec: _core.OptimizerSpec, layout: str) -> optax.GradientTransformationExtraArgs:
+  spec.validate()
+  V.check_choice(spec.name, "layout", layout, LAYOUTS)
+  spec = spec._replace(
+      mu_dtype=V.check_dtype(spec.name, "mu_dtype", spec.mu_dtype),
+      nu_dtype=V.check_dtype(spec.name, "nu_dtype", spec.nu_dtype),
+  )
+  tx = _transformation(spec, layout)
+  # Layout-independent description, found through optax's wrappers (chain,
+  # apply_if_finite) by the identity of the update function they keep.
+  _compose.register_jadam(tx, spec)
+  return tx
+
+
+def optimizer_spec(tx) -> _core.OptimizerSpec | None:
+  """The :class:`OptimizerSpec` of the jadam optimizer in ``tx`` (bare, or the
+  one jadam optimizer inside an ``optax.chain`` or ``optax.apply_if_finite``),
+  or None."""
+  return _compose.jadam_spec(tx)

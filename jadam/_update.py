@@ -1,0 +1,197 @@
+"""The one update path: the Adam rule applied to the chunks of any layout.
+
+Every layout — the tree (a chunk per leaf), the flat layout (a chunk per
+packed buffer) and ZeRO (a chunk per device slice of a buffer) — turns its
+state into :class:`Chunk` s and calls :func:`update_chunks`. Around the element
+rule of :mod:`jadam._rule` it applies, in optax's order, the three small
+steps every layout shares: decoupled weight decay (masked per segment), LAMB's
+trust ratio (per-segment norms from the layout's segments object, see
+:mod:`jadam._segments`) and the learning rate. :func:`finish` casts the result
+once, as updates or applied to the params.
+
+:func:`jitted` is the one jit boundary of the tree and flat layouts: Python-float
+hyperparameters stay compile-time constants (optax folds ``1 - b1`` in double
+precision, and so must we for bit parity), the learning rate and weight decay
+are always traced float32 (a new value never recompiles), and an eager call
+runs the same fused program as a jitted one.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from . import _rule
+
+
+class Chunk(NamedTuple):
+  """One piece of the state that the rule updates in one fused pass.
+
+  Attributes:
+    grad: the gradient (any shape).
+    moments: the state arrays named by ``rule.moment_names``, shaped like ``grad``.
+    param: the params (needed for weight decay and LAMB), or ``None``.
+    segments: which parameter each element belongs to (see
+      :mod:`jadam._segments`).
+    decay: static per-segment booleans: where weight decay applies.
+  """
+
+  grad: jax.Array
+  moments: tuple[jax.Array, ...]
+  param: jax.Array | None
+  segments: Any
+  decay: tuple[bool, ...]
+
+
+def _decay(direction, param, weight_decay, where):
+  if where is False:
+    return direction
+  decayed = direction + weight_decay * param
+  return decayed if where is True else jnp.where(where, decayed, direction)
+
+
+def apply_rule(rule: _rule.Rule, hp: _rule.Hyper, scalars: _rule.StepScalars, chunk: Chunk,
+               *, use_wd: bool, scale_lr: bool):
+  """The update of one chunk (in the compute dtype) and its new moments."""
+  direction, moments = _rule.element_update(rule, hp, scalars, chunk.grad, chunk.moments)
+  p = None if chunk.param is None else chunk.param.astype(direction.dtype)
+  if use_wd:
+    direction = _decay(direction, p, hp.weight_decay, chunk.segments.select(chunk.decay))
+  if rule.trust_ratio:
+    p_norm, u_norm = chunk.segments.norms((p, direction))
+    direction = direction * chunk.segments.expand(_rule.trust_ratio(p_norm, u_norm))
+  if scale_lr:
+    direction = jnp.asarray(-hp.learning_rate, dtype=direction.dtype) * direction
+  return direction, moments
+
+
+def update_chunks(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunks, *,
+                  use_wd: bool, scale_lr: bool):
+  """One step of ``rule`` over ``chunks``.
+
+  Args:
+    rule: the static rule.
+    hp: hyperparameter values at this step (from :func:`merge_hyper`).
+    count: the state's step count before this step.
+    chunks: :class:`Chunk` s.
+    use_wd: whether weight decay applies at all (static).
+    scale_lr: multiply by ``-learning_rate`` (False for ``scale_by_adam``).
+
+  Returns:
+    ``(count + 1, [(update, new_moments) per chunk])``; updates are in the
+    compute dtype (see :func:`finish`), moments in their stored dtypes.
+  """
+  hp = evaluate_schedules(hp, count)
+  count_inc = _rule.safe_increment(count)
+  scalars = _rule.step_scalars(rule, hp, count_inc)
+  return count_inc, [apply_rule(rule, hp, scalars, c, use_wd=use_wd, scale_lr=scale_lr)
+                     for c in chunks]
+
+
+def finish(u: jax.Array, param, dtype, apply: str | None) -> jax.Array:
+  """The result of a chunk, rounded once.
+
+  Args:
+    u: the update in the compute dtype.
+    param: the params (for ``apply``).
+    dtype: the updates' dtype (without ``apply``).
+    apply: ``None`` (updates), ``"fused"`` (``p + u`` computed in the compute
+      dtype, rounded once: :func:`jadam.step`) or ``"rounded"`` (``u`` rounded
+      to the params' dtype first, then added: ``optax.apply_updates`` after an
+      update in the params' dtype).
+  """
+  if apply == "fused":
+    return (param.astype(u.dtype) + u).astype(param.dtype)
+  if apply == "rounded":
+    return (param + u.astype(param.dtype)).astype(param.dtype)
+  return u.astype(dtype)
+
+
+def evaluate_schedules(hp: _rule.Hyper, count: jax.Array) -> _rule.Hyper:
+  """``hp`` with every schedule (a callable) evaluated at the old ``count``,
+  as optax does; a non-float value becomes float32."""
+  def value(v):
+    if isinstance(v, _Static):
+      v = v.fn
+    if not callable(v):
+      return v
+    v = jnp.asarray(v(count))
+    return v if jnp.issubdtype(v.dtype, jnp.floating) else v.astype(jnp.float32)
+
+  return hp._replace(**{k: value(v) for k, v in hp._asdict().items()})
+
+
+def uses_weight_decay(hp: _rule.Hyper) -> bool:
+  """False only for a weight decay that is the Python float 0."""
+  return not (isinstance(hp.weight_decay, float) and hp.weight_decay == 0.0)
+
+
+# ------------------------------------------------------------ the jit boundary
+
+_DYNAMIC = "dynamic"
+_ALWAYS_TRACED = ("learning_rate", "weight_decay")
+
+
+def split_hyper(hp: _rule.Hyper) -> tuple[_rule.Hyper, _rule.Hyper]:
+  """Splits hyperparameters into static constants and traced values.
+
+  Python-float betas, eps and threshold stay static; the learning rate and
+  weight decay (which only ever multiply) are always traced float32.
+  """
+  static, dynamic = {}, {}
+  for k, v in hp._asdict().items():
+    if callable(v) or isinstance(v, _Static):  # a schedule: static, evaluated in the jit
+      static[k], dynamic[k] = v if isinstance(v, _Static) else _Static(v), None
+      continue
+    if v is not None and k in _ALWAYS_TRACED:
+      v = jnp.asarray(v, jnp.float32) if isinstance(v, float) else v
+    if isinstance(v, float) or v is None:
+      static[k], dynamic[k] = v, None
+    else:
+      static[k], dynamic[k] = _DYNAMIC, v
+  return hp._replace(**static), hp._replace(**dynamic)
+
+
+class _Static:
+  """A schedule as a static jit argument: equal only to itself (schedules may
+  be unhashable objects; a new schedule object compiles anew)."""
+
+  __slots__ = ("fn",)
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __hash__(self) -> int:
+    return id(self.fn)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, _Static) and other.fn is self.fn
+
+
+def merge_hyper(static_hp: _rule.Hyper, dynamic_hp: _rule.Hyper) -> _rule.Hyper:
+  """Inverse of :func:`split_hyper`."""
+  return static_hp._replace(**{k: v for k, v in dynamic_hp._asdict().items()
+                               if getattr(static_hp, k) == _DYNAMIC})
+
+
+def traced_hyper(hp: _rule.Hyper) -> _rule.Hyper:
+  """``hp`` as the jitted update path sees it (for code already under ``jit``)."""
+  return merge_hyper(*split_hyper(hp))
+
+
+def jitted(body: Callable[..., Any], static, hp: _rule.Hyper, *args):
+  """``body(static, hp, *args)`` as one cached jitted computation.
+
+  ``body`` is a module-level function and ``static`` a hashable value: both
+  are compile-time constants, like the static hyperparameters.
+  """
+  static_hp, dynamic_hp = split_hyper(hp)
+  return _jitted(body, static, static_hp, dynamic_hp, *args)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), inline=True)
+def _jitted(body, static, static_hp, dynamic_hp, *args):
+  return body(static, merge_hyper(static_hp, dynamic_hp), *args)
