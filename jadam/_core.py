@@ -114,8 +114,8 @@ def _as_hyper(x):
   if isinstance(x, (int, float, np.number)) or (isinstance(x, np.ndarray) and x.ndim == 0):
     return float(x)
   x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    x = x.astype(jnp.float32)
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.itemsize < 4:
+    x = x.astype(jnp.float32)  # exact for bfloat16 and float16 values
   return x
 
 

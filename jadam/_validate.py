@@ -20,8 +20,9 @@ def _concrete_scalar(fn: str, name: str, value) -> float | None:
     arr = np.asarray(value)
   except Exception:  # pylint: disable=broad-except
     raise ValueError(f"`{fn}({name}=...)` must be a real number, got {value!r}") from None
+  # jnp.issubdtype knows bfloat16 and the float8 types (np.issubdtype does not).
   if arr.ndim != 0 or not (
-      np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+      jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
   ):
     raise ValueError(
         f"`{fn}({name}=...)` must be a real scalar, got {type(value).__name__} "
@@ -50,7 +51,13 @@ def check_range(
     ok = math.isfinite(x) and low <= x and (x < high if high_open else x <= high)
     rng = f"in [{low:g}, {high:g}{')' if high_open else ']'}"
   if not ok:
-    raise ValueError(f"`{fn}({name}=...)` must be {rng}, got {value!r}")
+    hint = ""
+    dt = getattr(value, "dtype", None)
+    if dt is not None and jnp.issubdtype(dt, jnp.floating) and jnp.dtype(dt).itemsize < 4:
+      hint = (f" ({jnp.dtype(dt).name} rounds it there: optax.inject_hyperparams casts "
+              "hyperparameters to the params' dtype unless given "
+              "hyperparam_dtype=jnp.float32)")
+    raise ValueError(f"`{fn}({name}=...)` must be {rng}, got {value!r}{hint}")
 
 
 def check_real(fn: str, name: str, value) -> None:
@@ -61,7 +68,8 @@ def check_real(fn: str, name: str, value) -> None:
 
 
 def check_dtype(fn: str, name: str, dtype) -> np.dtype | None:
-  """Canonicalizes a moment dtype; it must be None or a floating dtype."""
+  """Canonicalizes a moment dtype; it must be None or a floating (or complex,
+  for complex params) dtype."""
   if dtype is None:
     return None
   try:
@@ -71,10 +79,10 @@ def check_dtype(fn: str, name: str, dtype) -> np.dtype | None:
         f"`{fn}({name}=...)` must be None or a floating dtype "
         f"(e.g. jnp.float32, jnp.bfloat16), got {dtype!r}"
     ) from None
-  if not jnp.issubdtype(dt, jnp.floating):
+  if not jnp.issubdtype(dt, jnp.inexact):
     raise ValueError(
-        f"`{fn}({name}=...)` must be None or a floating dtype "
-        f"(e.g. jnp.float32, jnp.bfloat16), got {dt.name}"
+        f"`{fn}({name}=...)` must be None or a floating or complex dtype "
+        f"(e.g. jnp.float32, jnp.bfloat16, jnp.complex64), got {dt.name}"
     )
   return np.dtype(jax.dtypes.canonicalize_dtype(dt))
 

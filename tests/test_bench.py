@@ -15,6 +15,7 @@ import pytest
 
 import jadam
 from jadam.bench import _bench
+from jadam.bench import _runners
 
 KEYS = {"case", "impl", "median_ms", "speedup_vs_optax", "compile_s", "gb_per_s",
         "bandwidth_fraction", "peak_bytes", "max_abs_diff_vs_optax",
@@ -38,7 +39,7 @@ def quick_run(tmp_path_factory):
 
 def test_quick_json_records(quick_run):
   _, records, _ = quick_run
-  torch = _bench.torch_available()
+  torch = _runners.torch_available()
   for case in _bench.CASES:
     got = [r["impl"] for r in records if r["case"] == case]
     want = JAX_IMPLS + ([] if case == "e" else
@@ -99,7 +100,7 @@ def test_quick_diff_vs_optax(quick_run):
         # in float32, which loses up to ~1e-4 of it for t <= 10 (0.999**t is
         # rounded near 1): each update (|u| <= lr for a constant gradient)
         # moves by at most ~1e-4 of lr.
-        assert r["max_abs_diff_vs_optax"] <= r["diff_steps"] * _bench.LEARNING_RATE * 1e-4, r
+        assert r["max_abs_diff_vs_optax"] <= r["diff_steps"] * _runners.LEARNING_RATE * 1e-4, r
   # One leaf: every jadam form compiles to optax's kernel, bit for bit.
   for r in records:
     if r["case"] == "a" and r["impl"] in JAX_IMPLS:
@@ -127,17 +128,17 @@ def test_flat_step_is_optax_on_the_same_buffers(case):
   gradients and state) against ``optax.adam`` + ``apply_updates`` on the same
   packed buffers, as a pytree: bit for bit, params and moments, over the
   bench's quick number of steps."""
-  shapes = _bench.make_cases(True, "cpu")[case].shapes
+  shapes = _runners.make_cases(True, "cpu")[case].shapes
   device = jax.devices()[0]
-  params = _bench._random_tree(shapes, 0, 0.02, device)  # pylint: disable=protected-access
-  grads = _bench._random_tree(shapes, 1, 1e-3, device)  # pylint: disable=protected-access
+  params = _runners._random_tree(shapes, 0, 0.02, device)  # pylint: disable=protected-access
+  grads = _runners._random_tree(shapes, 1, 1e-3, device)  # pylint: disable=protected-access
   layout = jadam.FlatLayout.from_tree(params)
   packed, packed_grads = layout.pack(params), layout.pack(grads)
 
-  flat = jax.jit(_bench._flat_step())  # pylint: disable=protected-access
+  flat = jax.jit(_runners._flat_step())  # pylint: disable=protected-access
   p, state = packed, jadam.init(packed)
-  tx = optax.adam(_bench.LEARNING_RATE)
-  ref_step = jax.jit(_bench._optimizer_step(tx))  # pylint: disable=protected-access
+  tx = optax.adam(_runners.LEARNING_RATE)
+  ref_step = jax.jit(_runners._optimizer_step(tx))  # pylint: disable=protected-access
   ref, ref_state = packed, tx.init(packed)
   for _ in range(10):
     p, state = flat(p, state, packed_grads)
