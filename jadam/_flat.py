@@ -50,6 +50,13 @@ def state_layout(fn: str, rule: _rule.Rule, state) -> FlatLayout:
 
 def init_flat_state(fn: str, spec: _core.OptimizerSpec, params):
   """Zero packed moments (count 0) for tree ``params``."""
+  if type(params).__name__ == "_ParamsPlaceholder":  # optax.tree_utils.tree_map_params
+    raise ValueError(
+        f"`{fn}(layout='flat')` keeps its moments packed (state[0].mu is a "
+        "jadam.Packed of one buffer per dtype), so its state has no "
+        "param-shaped trees for optax.tree_utils.tree_map_params to map; map "
+        "the packed buffers with jax.tree.map (`state[0].mu.layout.unpack(...)` "
+        "gives the tree), or use layout='tree' (optax's own state layout)")
   for path, leaf in V.flatten_with_none(params)[0]:
     if leaf is not None:
       V.check_params_leaf(fn, path, leaf)

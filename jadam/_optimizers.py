@@ -7,9 +7,7 @@ where optax lacks them, ``layout``), and returns an
 ``TrainState`` and ``nnx.Optimizer``.
 """
 
-from __future__ import annotations
-
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional
 
 import jax
 import optax
@@ -18,16 +16,19 @@ from . import _core
 from . import _rule
 from ._transformation import build as _build
 
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], Any]]
-MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]
+# optax's own annotation objects (evaluated, not strings): code that inspects
+# annotations treats jadam's factories as optax's.
+ScalarOrSchedule = optax.ScalarOrSchedule
+MaskOrFn = optax.MaskOrFn
+Numeric = jax.typing.ArrayLike
 
 
 def scale_by_adam(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
+    b1: Numeric = 0.9,
+    b2: Numeric = 0.999,
+    eps: Numeric = 1e-8,
+    eps_root: Numeric = 0.0,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
     *,
     nesterov: bool = False,
     nu_dtype: Any = None,
@@ -66,11 +67,11 @@ def scale_by_adam(
 
 def adam(
     learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
+    b1: Numeric = 0.9,
+    b2: Numeric = 0.999,
+    eps: Numeric = 1e-8,
+    eps_root: Numeric = 0.0,
+    mu_dtype: Optional[Any] = None,
     *,
     nesterov: bool = False,
     nu_dtype: Any = None,
@@ -121,11 +122,11 @@ def adam(
 
 def nadam(
     learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
+    b1: Numeric = 0.9,
+    b2: Numeric = 0.999,
+    eps: Numeric = 1e-8,
+    eps_root: Numeric = 0.0,
+    mu_dtype: Optional[Any] = None,
     *,
     nesterov: bool = True,
     nu_dtype: Any = None,
@@ -149,11 +150,11 @@ def nadam(
 
 def adamw(
     learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
+    b1: Numeric = 0.9,
+    b2: Numeric = 0.999,
+    eps: Numeric = 1e-8,
+    eps_root: Numeric = 0.0,
+    mu_dtype: Optional[Any] = None,
     weight_decay: ScalarOrSchedule = 1e-4,
     mask: MaskOrFn = None,
     *,
@@ -196,11 +197,11 @@ def adamw(
 
 def nadamw(
     learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
+    b1: Numeric = 0.9,
+    b2: Numeric = 0.999,
+    eps: Numeric = 1e-8,
+    eps_root: Numeric = 0.0,
+    mu_dtype: Optional[Any] = None,
     weight_decay: ScalarOrSchedule = 1e-4,
     mask: MaskOrFn = None,
     *,
@@ -223,11 +224,11 @@ def nadamw(
 
 def amsgrad(
     learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
+    b1: Numeric = 0.9,
+    b2: Numeric = 0.999,
+    eps: Numeric = 1e-8,
+    eps_root: Numeric = 0.0,
+    mu_dtype: Optional[Any] = None,
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
     *,
@@ -263,11 +264,11 @@ def amsgrad(
 
 def adamax(
     learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
+    b1: Numeric = 0.9,
+    b2: Numeric = 0.999,
+    eps: Numeric = 1e-8,
     *,
-    mu_dtype: Any = None,
+    mu_dtype: Optional[Any] = None,
     nu_dtype: Any = None,
     layout: str = "tree",
 ) -> optax.GradientTransformationExtraArgs:
@@ -295,13 +296,13 @@ def adamax(
 
 def adamaxw(
     learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
+    b1: Numeric = 0.9,
+    b2: Numeric = 0.999,
+    eps: Numeric = 1e-8,
     weight_decay: ScalarOrSchedule = 1e-4,
     mask: MaskOrFn = None,
     *,
-    mu_dtype: Any = None,
+    mu_dtype: Optional[Any] = None,
     nu_dtype: Any = None,
     layout: str = "tree",
 ) -> optax.GradientTransformationExtraArgs:
@@ -321,14 +322,14 @@ def adamaxw(
 
 def radam(
     learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    threshold: float = 5.0,
+    b1: Numeric = 0.9,
+    b2: Numeric = 0.999,
+    eps: Numeric = 1e-8,
+    eps_root: Numeric = 0.0,
+    threshold: Numeric = 5.0,
     *,
     nesterov: bool = False,
-    mu_dtype: Any = None,
+    mu_dtype: Optional[Any] = None,
     nu_dtype: Any = None,
     layout: str = "tree",
 ) -> optax.GradientTransformationExtraArgs:
@@ -355,14 +356,14 @@ def radam(
 
 def lamb(
     learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_root: float = 0.0,
+    b1: Numeric = 0.9,
+    b2: Numeric = 0.999,
+    eps: Numeric = 1e-6,
+    eps_root: Numeric = 0.0,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
     *,
-    mu_dtype: Any = None,
+    mu_dtype: Optional[Any] = None,
     nu_dtype: Any = None,
     layout: str = "tree",
 ) -> optax.GradientTransformationExtraArgs:

@@ -85,6 +85,33 @@ def _itemsize(dtype) -> int:
   return np.dtype(dtype).itemsize
 
 
+def _tree_bytes(tree, n: int, dtype=None) -> int:
+  """Bytes per device of ``tree``'s arrays: packed buffers split over ``n``."""
+  total = 0
+  for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Packed)):
+    share = n if isinstance(x, Packed) else 1
+    for a in jax.tree.leaves(x):
+      total += math.prod(a.shape) * _itemsize(dtype or a.dtype) // share
+  return total
+
+
+def _state_bytes(state, n: int, mu_dtype=None, nu_dtype=None) -> int:
+  """Bytes per device of an optimizer state (``jax.ShapeDtypeStruct`` leaves);
+  ``mu_dtype``/``nu_dtype``, when given, replace the moments' dtypes."""
+  def is_moments(x):
+    return hasattr(x, "_fields") and "mu" in x._fields
+
+  total = 0
+  for x in jax.tree.leaves(state, is_leaf=lambda x: is_moments(x) or isinstance(x, Packed)):
+    if not is_moments(x):
+      total += _tree_bytes(x, n)
+      continue
+    for name in x._fields:
+      want = {"mu": mu_dtype, "nu": nu_dtype, "nu_max": nu_dtype}.get(name)
+      total += _tree_bytes(getattr(x, name), n, want)
+  return total
+
+
 def _leaves(params):
   out = []
   for path, x in V.flatten_with_none(params)[0]:
@@ -117,11 +144,12 @@ def memory_plan(
     n_devices: devices on the data axis.
     mu_dtype: dtype of the first moment (default: each param's).
     nu_dtype: dtype of the second moment (default: each param's).
-    optimizer: optionally, the optimizer: a jadam optimizer gives the
-      moments (AMSGrad keeps three) and their dtypes (``mu_dtype`` and
-      ``nu_dtype``, when given, take precedence); for a plain strategy any
-      optax optimizer's state is measured with ``jax.eval_shape``. Default:
-      Adam's two moments.
+    optimizer: optionally, the optimizer: its own state is measured with
+      ``jax.eval_shape`` (nothing is allocated): for a plain strategy any
+      optax optimizer's, for ZeRO a jadam optimizer's (bare or in a chain the
+      ZeRO strategies accept) on the packed slices. ``mu_dtype`` and
+      ``nu_dtype``, when given, replace its moments' dtypes. Default: Adam's
+      count and two moments.
     accumulation_steps: micro-batches per step (``> 1``: the gradient
       accumulator is at least float32).
 
@@ -151,57 +179,44 @@ def memory_plan(
   num_params = sum(math.prod(s) for s, _ in leaves)
   params_bytes = sum(math.prod(s) * dt.itemsize for s, dt in leaves)
 
-  spec, parts = None, None
-  if optimizer is not None:
-    parts = _compose.parts(optimizer)
-    if len(parts.jadam) == 1 and not parts.others:  # a bare jadam optimizer
-      spec = parts.jadam[0]
-  rule = spec.rule if spec is not None else _rule.Rule("adam")
-  mu_dtype = mu_dtype or (spec.mu_dtype if spec is not None else None)
-  nu_dtype = nu_dtype or (spec.nu_dtype if spec is not None else None)
+  parts = _compose.parts(optimizer) if optimizer is not None else None
+  tree = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), V.dtype_of(x)), params)
 
   def grad_dtype(dtype):
     if accumulation_steps > 1:
       return np.dtype(jnp.promote_types(dtype, jnp.float32))
     return dtype
 
-  count_bytes = np.dtype(np.int32).itemsize
+  def adam_bytes(sizes_dtypes, share):
+    # No optimizer given: Adam's count and two moments.
+    rule = _rule.Rule("adam")
+    return np.dtype(np.int32).itemsize + sum(
+        size // share * _itemsize(m)
+        for size, dt in sizes_dtypes for m in moment_dtypes(rule, dt, mu_dtype, nu_dtype))
+
   if strategy in PLAIN_STRATEGIES:
     grads = sum(math.prod(s) * grad_dtype(dt).itemsize for s, dt in leaves)
-    if optimizer is not None and spec is None:
-      state = jax.eval_shape(optimizer.init, jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params))
-      opt_state = sum(math.prod(x.shape) * _itemsize(x.dtype)
-                      for x in jax.tree.leaves(state))
-    else:
-      opt_state = count_bytes + sum(
-          math.prod(s) * _itemsize(m)
-          for s, dt in leaves for m in moment_dtypes(rule, dt, mu_dtype, nu_dtype))
+    if optimizer is None:
+      opt_state = adam_bytes([(math.prod(s), dt) for s, dt in leaves], 1)
+    else:  # the optimizer's own state, measured (nothing is allocated)
+      opt_state = _state_bytes(jax.eval_shape(optimizer.init, tree), 1, mu_dtype, nu_dtype)
     return MemoryPlan("plain" if strategy == "plain" else strategy, n,
                       num_params, params_bytes, grads, opt_state)
 
-  if optimizer is not None and spec is None and (len(parts.jadam) != 1 or parts.unknown()):
+  if optimizer is not None and (len(parts.jadam) != 1 or parts.unknown()):
     raise ValueError(
         f"`jadam.memory_plan(strategy={strategy!r})` needs a jadam optimizer, "
         "bare or in an optax.chain with elementwise transformations or "
         "optax.clip_by_global_norm (ZeRO applies a jadam rule to flat slices), "
         f"got {optimizer!r}")
-  layout = FlatLayout.from_tree(
-      [jax.ShapeDtypeStruct(s, dt) for s, dt in leaves],
-      pad_multiple=sharded_pad_multiple(n))
-  if spec is None and optimizer is not None:
+  layout = FlatLayout.from_tree(tree, pad_multiple=sharded_pad_multiple(n))
+  if optimizer is None:
+    opt_state = adam_bytes([(b.length, b.dtype) for b in layout.buffers], n)
+  else:
     # The optimizer's own state for the packed buffers: packed arrays are
     # split over the devices, the rest (counts, scalars) replicated.
-    state = jax.eval_shape(optimizer.init, layout.shape_dtypes())
-    opt_state = 0
-    for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, Packed)):
-      share = n if isinstance(x, Packed) else 1
-      opt_state += sum(math.prod(a.shape) * _itemsize(a.dtype) // share
-                       for a in jax.tree.leaves(x))
-  else:
-    opt_state = count_bytes + sum(
-        b.length // n * _itemsize(m)
-        for b in layout.buffers for m in moment_dtypes(rule, b.dtype, mu_dtype, nu_dtype))
+    opt_state = _state_bytes(jax.eval_shape(optimizer.init, layout.shape_dtypes()), n,
+                             mu_dtype, nu_dtype)
   if strategy == "zero1":
     grads = sum(math.prod(s) * grad_dtype(dt).itemsize for s, dt in leaves)
   else:

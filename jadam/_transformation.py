@@ -13,6 +13,7 @@ import optax
 from . import _compose
 from . import _core
 from . import _flat
+from . import _optax_state
 from . import _validate as V
 from ._packed import Packed
 
@@ -42,28 +43,34 @@ def _transformation(spec: _core.OptimizerSpec, layout: str) -> optax.GradientTra
   scale_lr = spec.learning_rate is not None
 
   def init_fn(params):
+    tree = _mask_target(params)
     if spec.mask is not None:
-      V.resolve_mask(fn, spec.mask, _mask_target(params))  # errors at init, not mid-training
+      V.resolve_mask(fn, spec.mask, tree)  # errors at init, not mid-training
     if layout == "flat" and not isinstance(params, Packed):
-      return _flat.init_flat_state(fn, spec, params)
-    return _core.init_state(fn, spec.rule, params, spec.mu_dtype, spec.nu_dtype)
+      inner = _flat.init_flat_state(fn, spec, params)
+    else:
+      inner = _core.init_state(fn, spec.rule, params, spec.mu_dtype, spec.nu_dtype)
+    return _optax_state.init(spec, tree, inner)
 
   def update_fn(updates, state, params=None, **extra_args):
+    inner, rebuild = _optax_state.split(fn, spec.rule, state)
     decay_mask = None
     if use_wd and spec.mask is not None and params is not None:
       decay_mask = tuple(V.resolve_mask(fn, spec.mask, _mask_target(params)))
     slices = extra_args.get(SLICES_ARG)
-    if slices is not None:
-      return slices.update(spec, decay_mask, updates, state, params)
     hp = spec.hyper()  # schedules are evaluated inside the update's jit
-    if isinstance(updates, Packed):
-      return _flat.packed_update(fn, spec.rule, hp, updates, state, params,
-                                 decay_mask=decay_mask, scale_lr=scale_lr)
-    if layout == "flat":
-      return _flat.flat_update(fn, spec.rule, hp, updates, state, params,
-                               decay_mask=decay_mask, scale_lr=scale_lr)
-    return _core.tree_update(fn, spec.rule, hp, updates, state, params,
-                             decay_mask=decay_mask, scale_lr=scale_lr)
+    if slices is not None:
+      updates, inner = slices.update(spec, decay_mask, updates, inner, params)
+    elif isinstance(updates, Packed):
+      updates, inner = _flat.packed_update(fn, spec.rule, hp, updates, inner, params,
+                                           decay_mask=decay_mask, scale_lr=scale_lr)
+    elif layout == "flat":
+      updates, inner = _flat.flat_update(fn, spec.rule, hp, updates, inner, params,
+                                         decay_mask=decay_mask, scale_lr=scale_lr)
+    else:
+      updates, inner = _core.tree_update(fn, spec.rule, hp, updates, inner, params,
+                                         decay_mask=decay_mask, scale_lr=scale_lr)
+    return updates, rebuild(inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -103,15 +103,14 @@ def _compare(what: str, where: str, saved: list[dict], wanted: list[dict],
 
 
 def _flat_buffer_paths(state) -> set[str]:
-  """Paths of packed moment buffers (``{dtype name: buffer}`` dicts of an
-  ``AdamState``/``AmsgradState``): their padded length may differ."""
-  from . import _core  # pylint: disable=import-outside-toplevel
+  """Paths of packed moment buffers (the :class:`jadam.Packed` moments of a
+  jadam or optax Adam state): their padded length may differ."""
+  def is_moments(x):
+    return hasattr(x, "_fields") and "mu" in x._fields
 
-  states = (_core.AdamState, _core.AmsgradState)
   out = set()
-  for path, node in jax.tree_util.tree_flatten_with_path(
-      state, is_leaf=lambda x: isinstance(x, states))[0]:
-    if not isinstance(node, states):
+  for path, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_moments)[0]:
+    if not is_moments(node):
       continue
     prefix = jax.tree_util.keystr(path)
     for name in node._fields[1:]:

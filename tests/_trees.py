@@ -49,3 +49,13 @@ def grad_sequence(tree, n_steps: int):
   gs = [grads_like(tree, i) if i % 7 != 3 else jax.tree.map(jnp.zeros_like, tree)
         for i in range(n_steps)]
   return jax.tree.map(lambda *xs: jnp.stack(xs), *gs)
+
+
+def adam_node(state):
+  """The moments node of an optimizer state: optax's ``ScaleByAdamState`` /
+  ``ScaleByAmsgradState`` inside jadam's (and optax's) optimizer states, or a
+  functional ``jadam.AdamState`` itself."""
+  nodes = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
+           if hasattr(s, "mu")]
+  assert nodes, f"no moments in {state}"
+  return nodes[0]

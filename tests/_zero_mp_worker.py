@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         strategy=strategy, accumulation_steps=_mp_worker.ACCUMULATION_STEPS)
     params, opt_state = trainer.init(params0)
     # The state spans both processes: each holds the slices of its devices.
-    (mu,) = opt_state.mu.values()
+    (mu,) = opt_state[0].mu.values()
     assert not mu.is_fully_addressable
     assert len(mu.addressable_shards) == args.local_devices
     losses = []
@@ -56,8 +56,8 @@ def main(argv=None) -> int:
         os.path.join(args.out, f"{strategy}-{args.process_id}.npz"),
         losses=np.array(losses),
         **_mp_worker.flatten("params", params),
-        **_mp_worker.flatten("mu", opt_state.mu),
-        **_mp_worker.flatten("nu", opt_state.nu))
+        **_mp_worker.flatten("mu", opt_state[0].mu),
+        **_mp_worker.flatten("nu", opt_state[0].nu))
   jax.distributed.shutdown()
   return 0
 

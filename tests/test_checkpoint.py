@@ -19,6 +19,7 @@ import pytest
 import jadam
 import jadam.checkpoint
 import jadam.parallel
+from _trees import adam_node
 import test_multiprocess as mp
 from test_parallel import init_params
 from test_parallel import make_batches
@@ -104,7 +105,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
   step, params, opt_state = ckpt.restore(trainer)
   assert step == 1
   chex.assert_trees_all_equal(trainer.gather(params), _ckpt_worker.big_params())
-  assert int(opt_state.count) == 0
+  assert int(adam_node(opt_state).count) == 0
   # The run goes on: step 2 saves again over the interrupted one.
   ckpt.save(2, params, opt_state)
   ckpt.wait()
@@ -149,7 +150,7 @@ def test_round_trip_onto_other_device_counts(tmp_path, strategy):
       chex.assert_trees_all_equal(other.gather((p, s)), want,
                                   custom_message=f"{strategy} on {n} devices")
       if strategy == "zero1":
-        (mu,) = s.mu.values()
+        (mu,) = adam_node(s).mu.values()
         # 6 does not divide 1024: the buffers were re-padded to 3072.
         assert mu.shape == ((3072,) if n == 6 else (1024,))
         assert mu.addressable_shards[0].data.shape == (mu.shape[0] // n,)
@@ -176,7 +177,7 @@ def test_another_model_is_refused(tmp_path):
       ckpt.restore(make_trainer(), like=fewer)
     # A ZeRO state into a replicated trainer: another optimizer state layout.
     with pytest.raises(ValueError, match=r"optimizer state: .*mu\['b1'\].*is not in "
-                       r"the checkpoint, which has .mu\['float32'\].*strategy is 'jit'"):
+                       r"the checkpoint, which has .*mu\['float32'\].*strategy is 'jit'"):
       ckpt.restore(make_trainer("jit"))
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
       ckpt.restore(make_trainer(), step=7)
@@ -195,7 +196,7 @@ def test_max_to_keep_and_no_pickle(tmp_path, monkeypatch):
     ckpt.wait()
     assert ckpt.all_steps() == [2, 3] and ckpt.latest_step() == 3
     step, _, s = ckpt.restore(make_trainer("zero2"), step=2)
-    assert step == 2 and int(s.count) == 3
+    assert step == 2 and int(adam_node(s).count) == 3
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
     jadam.checkpoint.Checkpointer(tmp_path / "empty").restore(trainer)
   with pytest.raises(ValueError, match="max_to_keep"):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import jadam
-from _trees import grads_like, nested_tree
+from _trees import adam_node, grads_like, nested_tree
 
 ALL = {
     "adam": lambda **kw: jadam.adam(1e-2, **kw),
@@ -126,9 +126,9 @@ def test_complex_params_follow_optax(name):
     pj, po = optax.apply_updates(pj, uj), optax.apply_updates(po, uo)
     chex.assert_trees_all_close((uj, pj), (uo, po), rtol=1e-6, atol=0)
   so_m = so[0]
-  chex.assert_trees_all_close((sj.mu, sj.nu), (so_m.mu, so_m.nu), rtol=1e-6, atol=0)
+  chex.assert_trees_all_close((sj[0].mu, sj[0].nu), (so_m.mu, so_m.nu), rtol=1e-6, atol=0)
   # nu is the running mean of |g|^2 = (g.conj() * g).real: no imaginary part.
-  assert float(jnp.max(jnp.abs(sj.nu["z"].imag))) == 0.0
+  assert float(jnp.max(jnp.abs(sj[0].nu["z"].imag))) == 0.0
 
 
 @pytest.mark.parametrize("name", list(ALL))
@@ -151,7 +151,7 @@ def test_float16_zero_gradients_give_exact_updates_and_zero_moments(name):
     u, state = update(zeros, state, p)
     u_ref, _ = jax.jit(ref.update)(up(zeros), ref.init(up(p)), up(p))
     chex.assert_trees_all_equal(u, jax.tree.map(lambda x: x.astype(jnp.float16), u_ref))
-    for name_, moment in state._asdict().items():
+    for name_, moment in adam_node(state)._asdict().items():
       if name_ != "count":
         assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(moment)), name_
     p = optax.apply_updates(p, u)
@@ -357,7 +357,7 @@ def test_missing_params_and_wrong_state_are_named():
   tx = jadam.lamb(1e-3)
   with pytest.raises(ValueError, match=r"`lamb` needs `params`"):
     tx.update(params, tx.init(params))
-  with pytest.raises(ValueError, match=r"jadam.AmsgradState"):
+  with pytest.raises(ValueError, match=r"amsgrad\(state=...\)` must be this optimizer's state"):
     jadam.amsgrad(1e-3).update(params, jadam.init(params), params)
   with pytest.raises(ValueError, match=r"floating or complex arrays, got dtype int32 at \['i'\]"):
     jadam.init({"i": jnp.ones(3, jnp.int32)})

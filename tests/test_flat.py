@@ -16,7 +16,7 @@ from jadam import _flat
 from jadam import _segments
 from jadam import FlatLayout
 
-from _trees import grads_like
+from _trees import adam_node, grads_like
 
 N_STEPS = 32
 F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23: one float32 ulp at 1
@@ -73,10 +73,21 @@ def optimizer_layout(params) -> FlatLayout:
   return FlatLayout.from_tree(params, max_packed_leaf=_flat.MAX_PACKED_LEAF)
 
 
+def _map_moments(state, fn):
+  """``state`` with ``fn`` applied to every moment (mu, nu, nu_max) of its
+  moments node(s): optax's ScaleBy*State inside an optimizer state, or a
+  functional jadam.AdamState."""
+  def is_node(x):
+    return hasattr(x, "_fields") and "mu" in x._fields
+
+  return jax.tree.map(
+      lambda x: x._replace(**{k: fn(getattr(x, k)) for k in x._fields if k != "count"})
+      if is_node(x) else x, state, is_leaf=is_node)
+
+
 def state_as_tree(state, layout):
   """A flat optimizer state with its packed moments unpacked (tree-layout form)."""
-  return state._replace(**{k: layout.unpack(v) for k, v in state._asdict().items()
-                           if k != "count"})
+  return _map_moments(state, layout.unpack)
 
 
 def gradient(params, step):
@@ -358,6 +369,7 @@ def test_functional_update_on_packed_buffers():
 
 
 def _assert_state_is_flat(state, layout):
+  state = adam_node(state)
   for name in ("mu", "nu") + (("nu_max",) if hasattr(state, "nu_max") else ()):
     packed = getattr(state, name)
     assert isinstance(packed, jadam.Packed) and packed.layout == layout
@@ -428,19 +440,19 @@ def test_flat_matches_tree(name):
   leaves = jax.tree.leaves(params)
   for t in range(N_STEPS):
     g = gradient(params, t)
-    flat_state = state._replace(**{k: layout.pack(v) for k, v in state._asdict().items()
-                                   if k != "count"})
+    flat_state = _map_moments(state, layout.pack)
     u_t, state_t = tree_step(g, state, params)
     u_f, state_f = flat_step(g, flat_state, params)
     _assert_state_is_flat(state_f, layout)
     p_t, p_f = optax.apply_updates(params, u_t), optax.apply_updates(params, u_f)
     chex.assert_trees_all_equal_shapes_and_dtypes((u_f, p_f), (u_t, p_t))
     chex.assert_trees_all_equal_shapes_and_dtypes(state_as_tree(state_f, layout), state_t)
-    assert int(state_f.count) == int(state_t.count) == t + 1
-    for k in state_t._asdict():
+    node_f, node_t = adam_node(state_as_tree(state_f, layout)), adam_node(state_t)
+    assert int(node_f.count) == int(node_t.count) == t + 1
+    for k in node_t._asdict():
       if k != "count":
-        for path, x, a, b in zip(paths, leaves, jax.tree.leaves(state_as_tree(state_f, layout)._asdict()[k]),
-                                 jax.tree.leaves(state_t._asdict()[k])):
+        for path, x, a, b in zip(paths, leaves, jax.tree.leaves(node_f._asdict()[k]),
+                                 jax.tree.leaves(node_t._asdict()[k])):
           _assert_leaf_close(a, b, x.dtype, 1e-6, (t, k, path))
     for path, x, a, b, pa, pb in zip(paths, leaves, jax.tree.leaves(u_f), jax.tree.leaves(u_t),
                                      jax.tree.leaves(p_f), jax.tree.leaves(p_t)):
@@ -479,7 +491,7 @@ def test_flat_optimizer_state_types_no_retrace_and_shape_dtype_init():
   params = mixed_tree()
   tx = jadam.adamw(lr_schedule, weight_decay=0.01, mask=decay_matrices, layout="flat")
   state = tx.init(params)
-  assert isinstance(state, jadam.AdamState)
+  assert isinstance(state[0], optax.ScaleByAdamState)  # optax's own tree, moments packed
   abstract = tx.init(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
   chex.assert_trees_all_equal_shapes_and_dtypes(abstract, state)
 
@@ -553,12 +565,12 @@ def test_flat_matches_optax_in_float32_teacher_forced(name):
     tree_state = state_as_tree(state, layout)
     ref_state = tp._load_moments(  # pylint: disable=protected-access
         ref.init(up(params)), {k: up(v) if k != "count" else v
-                               for k, v in tree_state._asdict().items()})
+                               for k, v in adam_node(tree_state)._asdict().items()})
     u, state = step(g, state, params)
     u_ref, s_ref = ref_step(up(g), ref_state, up(params))
     rtol = 1e-6
     for k, want in tp.moments(s_ref).items():
-      got = state_as_tree(state, layout)._asdict()[k]
+      got = adam_node(state_as_tree(state, layout))._asdict()[k]
       if k == "count":
         assert int(got) == int(want) == t + 1
         continue

@@ -49,9 +49,9 @@ def test_flat_update_by_an_optimizer_whose_init_never_ran(name):
   ref_updates, ref_state = jax.jit(ref_tx.update)(grads, ref_tx.init(f32))
   chex.assert_trees_all_equal_shapes_and_dtypes(updates, ref_updates)
   chex.assert_trees_all_close(updates, ref_updates, rtol=1e-6, atol=0)
-  layout = new_state.mu.layout
+  layout = new_state[0].mu.layout
   assert isinstance(layout, jadam.FlatLayout)
-  got_mu = layout.unpack(new_state.mu)
+  got_mu = layout.unpack(new_state[0].mu)
   chex.assert_trees_all_equal(
       got_mu, jax.tree.map(lambda m: m.astype(jnp.bfloat16), ref_state[0].mu))
 
@@ -79,7 +79,7 @@ def test_flat_state_survives_inject_hyperparams_and_a_restore(tmp_path):
   ckpt.wait_until_finished()
   target = jax.eval_shape(tx.init, params)
   restored = ckpt.restore(tmp_path / "state", target)
-  assert restored.inner_state.mu.layout == state.inner_state.mu.layout
+  assert restored.inner_state[0].mu.layout == state.inner_state[0].mu.layout
   g = f32_grads(params, 9)
   u1, _ = optax.inject_hyperparams(jadam.adamw, static_args=("layout",))(
       learning_rate=1e-2, weight_decay=0.1, layout="flat").update(g, restored, p)
@@ -117,7 +117,7 @@ def test_flat_trainer_gathers_each_model_with_its_own_layout(strategy):
   got = trainer.gather(params_a)
   assert got["w"].shape == (3, 4)
   np.testing.assert_array_equal(got["w"], a["w"])
-  assert trainer.gather(state_a).mu["w"].shape == (3, 4)
+  assert trainer.gather(state_a)[0].mu["w"].shape == (3, 4)
   assert trainer.gather(params_b)["w"].shape == (4, 3)
   # Both models still step, each in its own layout.
   params_a, state_a, _ = trainer.step(params_a, state_a, _batch(8, 3))
@@ -138,8 +138,8 @@ def test_zero_gathers_each_state_with_its_own_layout(strategy):
   params_b, state_b = trainer.init(b)
   trainer.abstract_state({"w": np.ones((5, 2), np.float32)})
   after = trainer.gather(state_a)
-  assert after.mu["w"].shape == (3, 4)
+  assert after[0].mu["w"].shape == (3, 4)
   chex.assert_trees_all_equal(after, before)
-  assert trainer.gather(state_b).mu["w"].shape == (4, 3)
+  assert trainer.gather(state_b)[0].mu["w"].shape == (4, 3)
   with pytest.raises(ValueError, match="must be the zero. state of these params"):
     trainer.step(params_a, state_b, _batch(8, 3))

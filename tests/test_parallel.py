@@ -421,7 +421,7 @@ def test_flat_layout_matches_single_device_full_batch(strategy, opt_name):
   got_state = trainer.gather(opt_state)
   chex.assert_trees_all_close(trainer.gather(params), ref_params, rtol=RTOL, atol=ATOL)
   chex.assert_trees_all_close(
-      {"mu": got_state.mu, "nu": got_state.nu, "count": got_state.count},
+      {"mu": got_state[0].mu, "nu": got_state[0].nu, "count": got_state[0].count},
       moments(ref_state), rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(losses, ref_losses, rtol=RTOL, atol=ATOL)
 

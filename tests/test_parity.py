@@ -218,6 +218,8 @@ def test_signature_matches_optax(fn):
     q = ours[name]
     assert q.kind == p.kind, (fn, name, q.kind, p.kind)
     assert q.default == p.default, (fn, name, q.default, p.default)
+    # optax's own annotation objects, not strings.
+    assert q.annotation == p.annotation, (fn, name, q.annotation, p.annotation)
   assert list(ours)[: len(theirs)] == list(theirs)
   for name in list(ours)[len(theirs):]:
     assert ours[name].kind == inspect.Parameter.KEYWORD_ONLY, (fn, name)

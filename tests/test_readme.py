@@ -247,13 +247,14 @@ def test_flat_layout_blocks():
   assert_updates_close(
       tx.update(namespace["grads"], tx.init(far), far)[0],
       ref_tx.update(namespace["grads"], ref_tx.init(far), far)[0])
-  # "AdamState with packed mu/nu": one 1-D buffer per dtype, which unpack to
-  # optax's first moment.
+  # "optax's tree; opt_state[0].mu is a jadam.Packed": one 1-D buffer per
+  # dtype, which unpack to optax's first moment.
   opt_state = namespace["opt_state"]
-  assert isinstance(opt_state, jadam.AdamState)
-  assert {k: v.ndim for k, v in opt_state.mu.items()} == {
+  assert isinstance(opt_state[0], optax.ScaleByAdamState)
+  assert isinstance(opt_state[0].mu, jadam.Packed)
+  assert {k: v.ndim for k, v in opt_state[0].mu.items()} == {
       "bfloat16": 1, "float32": 1}
-  mu = opt_state.mu.layout.unpack(opt_state.mu)
+  mu = opt_state[0].mu.layout.unpack(opt_state[0].mu)
   for k in ("w", "b"):
     np.testing.assert_allclose(mu[k], ref_state[0].mu[k], rtol=FLAT_RTOL,
                                atol=0)
@@ -387,7 +388,7 @@ def test_zero_block():
   assert_matches(namespace["trainer"], namespace["params"], opt_state,
                  optax.adamw(3e-4), "zero1")
   # "opt_state: 1/N per device": each moment buffer is split in 8 slices.
-  for leaf in jax.tree.leaves((opt_state.mu, opt_state.nu)):
+  for leaf in jax.tree.leaves((opt_state[0].mu, opt_state[0].nu)):
     assert leaf.addressable_shards[0].data.size * NUM_DEVICES == leaf.size
   # "the moments as a tree, like optax's".
   ref_mu = one_device(optax.adamw(3e-4))[1][0].mu
@@ -407,7 +408,7 @@ def test_model_parallel_block():
   params, opt_state = namespace["params"], namespace["opt_state"]
   assert params["w1"].sharding.spec == P(None, "model")  # kept by init
   # "mu: shape (2, L), sharding P("model", "data")".
-  for leaf in jax.tree.leaves((opt_state.mu, opt_state.nu)):
+  for leaf in jax.tree.leaves((opt_state[0].mu, opt_state[0].nu)):
     assert leaf.ndim == 2 and leaf.shape[0] == 2, leaf.shape
     assert leaf.sharding.spec == P("model", "data")
   # One step of the trainer is one step of optax.lamb on one device.

@@ -148,8 +148,9 @@ def test_matches_single_device_full_batch(strategy, opt_name, accumulation_steps
   chex.assert_trees_all_equal_shapes_and_dtypes(got_state, ref_state)
   chex.assert_trees_all_close(np.array(losses), ref_losses, rtol=RTOL)
   if opt_name in BF16_MOMENTS:
-    assert jax.tree.leaves(got_state.mu)[0].dtype == jnp.bfloat16
-    assert_within_one_bf16_ulp((got_state.mu, got_state.nu), (ref_state.mu, ref_state.nu))
+    assert jax.tree.leaves(got_state[0].mu)[0].dtype == jnp.bfloat16
+    assert_within_one_bf16_ulp((got_state[0].mu, got_state[0].nu),
+                               (ref_state[0].mu, ref_state[0].nu))
   else:
     chex.assert_trees_all_close(got_state, ref_state, rtol=RTOL, atol=ATOL)
   chex.assert_trees_all_close(got_params, ref_params, rtol=RTOL, atol=ATOL)
@@ -170,8 +171,8 @@ def test_adam_matches_optax():
     ref_params = optax.apply_updates(ref_params, updates)
   got_params, got_state = trainer.gather((params, opt_state))
   chex.assert_trees_all_close(got_params, ref_params, rtol=RTOL, atol=ATOL)
-  chex.assert_trees_all_close(got_state.mu, ref_state[0].mu, rtol=RTOL, atol=ATOL)
-  chex.assert_trees_all_close(got_state.nu, ref_state[0].nu, rtol=RTOL, atol=ATOL)
+  chex.assert_trees_all_close(got_state[0].mu, ref_state[0].mu, rtol=RTOL, atol=ATOL)
+  chex.assert_trees_all_close(got_state[0].nu, ref_state[0].nu, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("strategy", ZERO)
@@ -182,9 +183,9 @@ def test_device_holds_one_eighth_of_the_state(strategy):
   params, opt_state = trainer.init(init_params())
   num_params = sum(x.size for x in jax.tree.leaves(init_params()))
   device0 = jax.devices()[0]
-  layout = opt_state.mu.layout  # the state carries its sharded layout
+  layout = opt_state[0].mu.layout  # the state carries its sharded layout
   for name in ("mu", "nu", "nu_max"):
-    (buf,) = getattr(opt_state, name).values()
+    (buf,) = getattr(opt_state[0], name).values()
     assert buf.sharding.spec == P("data")
     shards = {s.device: s.data for s in buf.addressable_shards}
     assert len(shards) == NUM_DEVICES
@@ -311,7 +312,7 @@ def test_model_parallel_params(strategy, opt_name, accumulation_steps):
   for k, leaf in params.items():
     assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, MODEL_SPECS[k]), leaf.ndim), k
   for name in ("mu", "nu"):
-    (buf,) = getattr(opt_state, name).values()
+    (buf,) = getattr(opt_state[0], name).values()
     assert buf.sharding.spec == P("model", "data")
     length = buf.shape[1]
     assert buf.addressable_shards[0].data.shape == (1, length // 4)

@@ -1,0 +1,102 @@
+"""optax's own state trees for jadam's optimizers: the drop-in contract.
+
+``jadam.adamw(...).init(params)`` returns exactly the pytree that
+``optax.adamw(...).init(params)`` returns — optax's NamedTuple classes
+(``ScaleByAdamState``, ``ScaleByAmsgradState``, ``EmptyState``,
+``MaskedState``, ``ScaleByScheduleState``, ``WeightDecaySchedule``), nesting,
+shapes and dtypes — so optax checkpoints restore into jadam and back,
+``opt_state[0].mu`` works, and ``optax.tree_utils`` finds what it looks for.
+
+The structure is optax's own: ``jax.eval_shape`` of the optax optimizer of the
+same name and arguments (nothing runs, nothing is allocated). jadam fills it:
+its moments (with ``nu_dtype``, packed for packed params) in the moments node,
+zeros in optax's step counters. An update takes the moments node out as
+jadam's ``AdamState``, runs the one update path on it, puts the new moments
+back, and advances optax's other counters as optax's own update does.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from . import _core
+from . import _rule
+
+_MOMENT_NODES = (optax.ScaleByAdamState, optax.ScaleByAmsgradState)
+
+
+def reference(spec: _core.OptimizerSpec) -> optax.GradientTransformation:
+  """The optax optimizer of ``spec``'s name, with the same arguments."""
+  fn = getattr(optax, spec.name)
+  values = dict(
+      learning_rate=spec.learning_rate, b1=spec.b1, b2=spec.b2, eps=spec.eps,
+      eps_root=spec.eps_root, mu_dtype=spec.mu_dtype, weight_decay=spec.weight_decay,
+      mask=spec.mask, nesterov=spec.rule.nesterov, threshold=spec.threshold,
+      bias_correction_mu=spec.rule.bias_correction_mu,
+      bias_correction_nu=spec.rule.bias_correction_nu,
+  )
+  names = inspect.signature(fn).parameters
+  return fn(**{k: v for k, v in values.items() if k in names})
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def init(spec: _core.OptimizerSpec, tree_params, inner) -> object:
+  """optax's state tree for ``tree_params`` around jadam's ``inner`` state.
+
+  Args:
+    spec: the optimizer.
+    tree_params: the params' tree (arrays or ``ShapeDtypeStruct``; only
+      structure, shapes and dtypes are read).
+    inner: jadam's ``AdamState``/``AmsgradState`` (moments in any layout).
+  """
+  template = jax.eval_shape(reference(spec).init, _abstract(tree_params))
+
+  def fill(node):
+    if isinstance(node, _MOMENT_NODES):
+      return type(node)(inner.count, *(getattr(inner, n) for n in spec.rule.moment_names))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), node)
+
+  return jax.tree.map(fill, template, is_leaf=lambda x: isinstance(x, _MOMENT_NODES))
+
+
+def _moments_index(fn: str, state) -> int | None:
+  if isinstance(state, _MOMENT_NODES):
+    return None
+  if isinstance(state, tuple) and not hasattr(state, "_fields") and state and isinstance(
+      state[0], _MOMENT_NODES):
+    return 0
+  raise ValueError(
+      f"`{fn}(state=...)` must be this optimizer's state, optax's own tree (as "
+      f"`optax.{fn}(...).init(params)` makes it: a ScaleByAdamState or "
+      f"ScaleByAmsgradState first), got {type(state).__name__}")
+
+
+def split(fn: str, rule: _rule.Rule, state):
+  """``(inner, rebuild)``: jadam's state taken out of optax's tree, and a
+  function that puts a new one back (advancing optax's other counters)."""
+  index = _moments_index(fn, state)
+  node = state if index is None else state[index]
+  want = optax.ScaleByAmsgradState if rule.kind == "amsgrad" else optax.ScaleByAdamState
+  if type(node) is not want:
+    raise ValueError(
+        f"`{fn}(state=...)` must hold a {want.__name__} (from the matching init), "
+        f"got {type(node).__name__}")
+  inner = _core.state_class(rule)(node.count, *(getattr(node, n) for n in rule.moment_names))
+
+  def rebuild(new_inner):
+    new_node = type(node)(new_inner.count, *(getattr(new_inner, n) for n in rule.moment_names))
+    if index is None:
+      return new_node
+    # optax's other parts are step counters (schedules, masked weight decay):
+    # each update advances them, as optax's own updates do.
+    rest = jax.tree.map(_rule.safe_increment, state[1:])
+    return (new_node,) + tuple(rest)
+
+  return inner, rebuild
