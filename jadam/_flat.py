@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import _core
 from . import _rule
@@ -22,6 +22,7 @@ from . import _segments
 from . import _update
 from . import _validate as V
 from ._layout import FlatLayout
+from ._layout import sharded_pad_multiple
 from ._packed import Packed
 
 MAX_PACKED_LEAF = 1 << 15
@@ -60,8 +61,30 @@ def init_flat_state(fn: str, spec: _core.OptimizerSpec, params):
   for path, leaf in V.flatten_with_none(params)[0]:
     if leaf is not None:
       V.check_params_leaf(fn, path, leaf)
-  layout = FlatLayout.from_tree(params, max_packed_leaf=MAX_PACKED_LEAF)
-  return _core.init_state(fn, spec.rule, layout.shape_dtypes(), spec.mu_dtype, spec.nu_dtype)
+  mesh = _params_mesh(params)
+  if mesh is None:
+    layout = FlatLayout.from_tree(params, max_packed_leaf=MAX_PACKED_LEAF)
+    template = layout.shape_dtypes()
+  else:
+    # Params sharded over a mesh: the packed moments are split over all its
+    # devices (never replicated), each buffer padded to a multiple of them.
+    layout = FlatLayout.from_tree(params, max_packed_leaf=MAX_PACKED_LEAF,
+                                  pad_multiple=sharded_pad_multiple(mesh.size))
+    template = layout.shape_dtypes(
+        sharding=NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names))))
+  return _core.init_state(fn, spec.rule, template, spec.mu_dtype, spec.nu_dtype)
+
+
+def _params_mesh(params):
+  """The mesh of the first param sharded over more than one device (a
+  concrete array or ``ShapeDtypeStruct`` with a ``NamedSharding``), or None."""
+  for leaf in jax.tree.leaves(params):
+    sharding = getattr(leaf, "sharding", None)
+    if (isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh)
+        and sharding.mesh.size > 1 and any(s is not None for s in sharding.spec)):
+      return sharding.mesh
+  return None
+
 
 
 def _check_needs_params(fn: str, rule: _rule.Rule, hp: _rule.Hyper, params) -> bool:
@@ -142,8 +165,8 @@ def _buffers_step(static, hp, count, g_packed, moments, p_packed):
   rule, layout, decay_mask, use_wd, _, scale_lr = static
   chunks = [
       _update.Chunk(
-          g_packed[b.key], tuple(m[b.key] for m in moments),
-          None if p_packed is None else p_packed[b.key],
+          _update.like_sharding(g_packed[b.key], moments[0][b.key]), tuple(m[b.key] for m in moments),
+          None if p_packed is None else _update.like_sharding(p_packed[b.key], moments[0][b.key]),
           _segments.BufferSegments(layout, b.key), tuple(decay_mask[i] for i in b.leaves))
       for b in layout.buffers
   ]
@@ -168,6 +191,8 @@ def _flat_body(static, hp, grads, state, params):
       for b, u in zip(layout.buffers, out.values())})
   if not has_params:
     updates = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), updates, grads)
+  # Each update leaf sharded like its param (or gradient) on an Explicit mesh.
+  updates = jax.tree.map(_update.like_sharding, updates, params if has_params else grads)
   return updates, _core.state_class(rule)(count_inc, *new_moments)
 
 

@@ -301,7 +301,9 @@ class FlatLayout:
     leaves = self._leaves("FlatLayout.pack(tree)", tree)
     out = {}
     for b in self.buffers:
-      parts = [jnp.ravel(leaves[i]) for i in b.leaves]
+      # A leaf with an explicit sharding (Explicit mesh axes) is gathered first:
+      # raveling it into another shape has no sharding JAX can infer.
+      parts = [jnp.ravel(replicated_if_explicit(leaves[i])) for i in b.leaves]
       if dtype == "promote":
         dt = jnp.result_type(*parts) if parts else b.dtype
       elif dtype is None:
@@ -343,7 +345,7 @@ class FlatLayout:
       # the gradient of a loss of the unpacked leaves is packed in one copy
       # instead of a buffer-sized pad-and-add per leaf.
       sizes = [self.segments[i].size for i in b.leaves] + [b.length - b.size]
-      pieces = lax.split(_replicated_if_explicit(packed[b.key]), sizes)
+      pieces = lax.split(replicated_if_explicit(packed[b.key]), sizes)
       for i, piece in zip(b.leaves, pieces):
         leaves[i] = piece.reshape(self.segments[i].shape)
     return self.treedef.unflatten(leaves)
@@ -408,7 +410,7 @@ class FlatLayout:
     return tuple(V.resolve_mask(fn, mask, self.tree_shape_dtypes()))
 
 
-def _replicated_if_explicit(x):
+def replicated_if_explicit(x):
   """``x`` resharded to replicated if its type carries an explicit sharding.
 
   With ``Explicit`` mesh axes, slicing a sharded buffer into leaves of other

@@ -27,6 +27,7 @@ import optax
 from jax import lax
 
 from ._layout import FlatLayout
+from ._layout import replicated_if_explicit
 
 _WORD = 32  # bits per mask word: static per-element masks are packed 32 to a uint32.
 
@@ -185,6 +186,8 @@ class BufferSegments:
     self.table = segment_table(self.sizes)  # empty leaves have no segment here
 
   def norms(self, xs):
+    # A buffer split over an Explicit mesh is gathered for its per-leaf sums.
+    xs = tuple(replicated_if_explicit(x) for x in xs)
     if len(self.buffer.leaves) == 1:  # one parameter: plain norms
       return tuple(jnp.linalg.norm(x[:self.buffer.size]) for x in xs)
     return segment_norms(self.table, xs)

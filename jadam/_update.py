@@ -46,11 +46,23 @@ class Chunk(NamedTuple):
   decay: tuple[bool, ...]
 
 
+def like_sharding(x, ref):
+  """``x`` resharded like ``ref`` when ``ref``'s type carries an explicit
+  sharding (Explicit mesh axes); otherwise ``x`` (GSPMD propagates)."""
+  sharding = getattr(jax.typeof(ref), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if not spec or all(axis is None for axis in spec):
+    return x
+  return jax.sharding.reshard(x, sharding)
+
+
 def _decay(direction, param, weight_decay, where):
   if where is False:
     return direction
   decayed = direction + weight_decay * param
-  return decayed if where is True else jnp.where(where, decayed, direction)
+  if where is True:
+    return decayed
+  return jnp.where(like_sharding(where, direction), decayed, direction)
 
 
 def apply_rule(rule: _rule.Rule, hp: _rule.Hyper, scalars: _rule.StepScalars, chunk: Chunk,
@@ -62,7 +74,8 @@ def apply_rule(rule: _rule.Rule, hp: _rule.Hyper, scalars: _rule.StepScalars, ch
     direction = _decay(direction, p, hp.weight_decay, chunk.segments.select(chunk.decay))
   if rule.trust_ratio:
     p_norm, u_norm = chunk.segments.norms((p, direction))
-    direction = direction * chunk.segments.expand(_rule.trust_ratio(p_norm, u_norm))
+    ratio = chunk.segments.expand(_rule.trust_ratio(p_norm, u_norm))
+    direction = direction * like_sharding(ratio, direction)
   if scale_lr:
     direction = jnp.asarray(-hp.learning_rate, dtype=direction.dtype) * direction
   return direction, moments

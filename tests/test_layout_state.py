@@ -143,3 +143,43 @@ def test_zero_gathers_each_state_with_its_own_layout(strategy):
   assert trainer.gather(state_b)[0].mu["w"].shape == (4, 3)
   with pytest.raises(ValueError, match="must be the zero. state of these params"):
     trainer.step(params_a, state_b, _batch(8, 3))
+
+
+_FRESH_PROCESS = r"""
+import sys, numpy as np, jax, jax.numpy as jnp, optax, orbax.checkpoint as ocp, jadam
+path, mode = sys.argv[1], sys.argv[2]
+rng = np.random.default_rng(0)
+params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.bfloat16), "b": jnp.zeros(4, jnp.bfloat16)}
+grads = lambda t: jax.tree.map(lambda p: jnp.asarray(
+    np.random.default_rng(t).normal(size=p.shape), jnp.float32), params)
+make = lambda: jadam.amsgrad(1e-2, layout="flat")
+ckpt = ocp.StandardCheckpointer()
+if mode == "save":
+  tx = make()
+  state = tx.init(params)
+  for t in range(3):
+    _, state = tx.update(grads(t), state)
+  ckpt.save(path + "/state", state)
+  ckpt.wait_until_finished()
+else:  # a fresh process: the target from one optimizer object, the update by another
+  state = ckpt.restore(path + "/state", jax.eval_shape(make().init, params))
+# float32 gradients of bfloat16 params, without the params.
+updates, _ = make().update(grads(3), state)
+np.savez(path + "/" + mode + ".npz", **{k: np.asarray(v, np.float32) for k, v in updates.items()})
+"""
+
+
+def test_flat_state_restores_in_a_fresh_process(tmp_path):
+  """A layout='flat' state saved by one process updates in another that has
+  only the optimizer's arguments and the params: the layout comes back with
+  the state (a restore target from init), nothing is cached in a closure."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  for mode in ("save", "restore"):
+    proc = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(tmp_path), mode],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  saved, restored = np.load(tmp_path / "save.npz"), np.load(tmp_path / "restore.npz")
+  for k in saved:
+    np.testing.assert_array_equal(restored[k], saved[k])

@@ -174,3 +174,123 @@ def test_tree_map_params():
   with pytest.raises(ValueError, match=r"layout='flat'\)` keeps its moments packed.*"
                      r"use layout='tree'"):
     optax.tree_utils.tree_map_params(flat, mark, flat.init(params))
+
+
+def test_flax_train_state_reads_mu_like_optax():
+  train_state = pytest.importorskip("flax.training.train_state")
+  params = {k: v for k, v in nested_tree().items() if k != "empty"}
+
+  def run(tx):
+    state = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+    apply = jax.jit(lambda s, g: s.apply_gradients(grads=g))
+    for t in range(5):
+      state = apply(state, grads_like(params, t))
+    return state
+
+  got = run(jadam.adamw(SCHEDULE, mask=matrices))
+  want = run(optax.adamw(SCHEDULE, mask=matrices))
+  chex.assert_trees_all_equal(got.params, want.params)
+  chex.assert_trees_all_equal(got.opt_state[0].mu, want.opt_state[0].mu)
+  assert jax.tree.structure(got.opt_state) == jax.tree.structure(want.opt_state)
+
+
+@pytest.mark.parametrize("layout", ["tree", "flat"])
+def test_flax_nnx_optimizer_on_an_explicit_mesh(layout):
+  """nnx.Optimizer over params sharded on an Explicit mesh: ``opt_state[0][1]``
+  (the first moment, as in Flax's optimization cookbook) is sharded like the
+  params, the whole optimizer state has optax's shardings, and 3 steps equal
+  optax's."""
+  nnx = pytest.importorskip("flax.nnx")
+  from jax.sharding import AxisType, NamedSharding  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+
+  class MLP(nnx.Module):
+
+    def __init__(self, rngs):
+      init = nnx.initializers.lecun_normal()
+      self.l1 = nnx.Linear(8, 16, kernel_init=nnx.with_partitioning(init, (None, "model")),
+                           rngs=rngs)
+      self.l2 = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+      h = jax.nn.relu(self.l1(x))
+      return self.l2(jax.sharding.reshard(h, P("data", None)))
+
+  x = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+
+  def run(tx):
+    with jax.set_mesh(mesh):
+      model = MLP(nnx.Rngs(0))
+      optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+      xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+
+      @nnx.jit
+      def step(model, optimizer, xs):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(xs) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+      losses = [float(step(model, optimizer, xs)) for _ in range(3)]
+      shardings = jax.tree.map(lambda v: v.sharding.spec, nnx.state(optimizer))
+      return losses, optimizer, shardings
+
+  losses, optimizer, shardings = run(jadam.adamw(1e-2, layout=layout))
+  ref_losses, ref_optimizer, ref_shardings = run(optax.adamw(1e-2))
+  if layout == "flat":
+    # Packed moments split over all 8 devices; float32 rounding of the flat pass.
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    for buf in optimizer.opt_state[0][1].values():
+      buf = buf[...] if isinstance(buf, nnx.Variable) else buf
+      assert buf.addressable_shards[0].data.size * 8 == buf.size
+    return
+  assert losses == ref_losses
+  assert shardings == ref_shardings
+  mu = optimizer.opt_state[0][1]
+  assert mu["l1"]["kernel"][...].sharding.spec == P(None, "model")
+  chex.assert_trees_all_equal(nnx.to_pure_dict(mu), nnx.to_pure_dict(ref_optimizer.opt_state[0][1]))
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_flat_state_of_sharded_params_is_sharded(axis_type, name):
+  """layout="flat" on params sharded over a mesh: the packed moments are split
+  over all its devices (never replicated), the updates come back sharded like
+  the params, and 3 jitted steps equal optax's to float32 rounding."""
+  from jax.sharding import AxisType, NamedSharding  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  mesh = jax.make_mesh((2, 4), ("data", "model"),
+                       axis_types=(getattr(AxisType, axis_type),) * 2)
+  rng = np.random.default_rng(0)
+  specs = {"w": P(None, "model"), "v": P("data", "model"), "b": P()}
+  shapes = {"w": (8, 16), "v": (4, 8), "b": (16,)}
+  params = {k: jax.device_put(rng.normal(size=shapes[k]).astype(np.float32),
+                              NamedSharding(mesh, specs[k])) for k in shapes}
+  tx = getattr(jadam, name)(1e-2, weight_decay=0.1, mask=matrices, layout="flat")
+  ref = getattr(optax, name)(1e-2, weight_decay=0.1, mask=matrices)
+  with jax.set_mesh(mesh):
+    state, ref_state = tx.init(params), ref.init(params)
+    for buf in jax.tree.leaves(state[0].mu) + jax.tree.leaves(state[0].nu):
+      assert buf.addressable_shards[0].data.size * 8 == buf.size  # 1/8 per device
+    step, ref_step = jax.jit(tx.update), jax.jit(ref.update)
+    p, rp = params, params
+    for t in range(3):
+      g = jax.tree.map(lambda x, s: jax.device_put(jnp.full_like(x, 0.1 * (t + 1)) * x, s.sharding),
+                       params, params)
+      u, state = step(g, state, p)
+      ru, ref_state = ref_step(g, ref_state, rp)
+      if axis_type == "Explicit":  # with Auto axes, XLA picks the updates' sharding
+        for k in u:
+          assert u[k].sharding.is_equivalent_to(params[k].sharding, u[k].ndim), k
+      p, rp = optax.apply_updates(p, u), optax.apply_updates(rp, ru)
+    for buf in jax.tree.leaves(state[0].mu):
+      assert buf.addressable_shards[0].data.size * 8 == buf.size
+  chex.assert_trees_all_close(p, rp, rtol=1e-6, atol=0)
+  mu = state[0].mu.layout.unpack(state[0].mu)
+  chex.assert_trees_all_close(mu, ref_state[0].mu, rtol=1e-6, atol=1e-12)
