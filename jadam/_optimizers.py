@@ -99,7 +99,8 @@ def adam(
     layout: ``"tree"`` (optax's state layout) or ``"flat"`` (packed state).
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`jadam.AdamState`.
+    An ``optax.GradientTransformation`` whose state is ``optax.adam``'s own
+    tree, ``(optax.ScaleByAdamState(count, mu, nu), ...)``.
 
   Example:
     >>> import jax.numpy as jnp, optax, jadam
@@ -245,7 +246,8 @@ def amsgrad(
     layout: ``"tree"`` or ``"flat"``.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`jadam.AmsgradState`.
+    An ``optax.GradientTransformation`` whose state is ``optax.amsgrad``'s own
+    tree, ``(optax.ScaleByAmsgradState(count, mu, nu, nu_max), ...)``.
 
   References:
     Reddi et al., 2018, https://openreview.net/forum?id=ryQu7f-RZ

@@ -59,3 +59,19 @@ def adam_node(state):
            if hasattr(s, "mu")]
   assert nodes, f"no moments in {state}"
   return nodes[0]
+
+
+def side_by_side(tx, ref, params, grads_fn, steps: int):
+  """``steps`` jitted updates of ``tx`` and of the reference ``ref`` from the
+  same params, gradient ``grads_fn(step)`` each: ``(params, state, ref_params,
+  ref_state)``."""
+  import optax  # pylint: disable=import-outside-toplevel
+
+  s, rs, p, rp = tx.init(params), ref.init(params), params, params
+  step, ref_step = jax.jit(tx.update), jax.jit(ref.update)
+  for t in range(steps):
+    g = grads_fn(t)
+    u, s = step(g, s, p)
+    ru, rs = ref_step(g, rs, rp)
+    p, rp = optax.apply_updates(p, u), optax.apply_updates(rp, ru)
+  return p, s, rp, rs

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import jadam
-from _trees import adam_node, grads_like, nested_tree
+from _trees import adam_node, grads_like, nested_tree, side_by_side
 
 ALL = {
     "adam": lambda **kw: jadam.adam(1e-2, **kw),
@@ -306,12 +306,7 @@ def test_callable_mask_equals_optax(layout):
   mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
   tx = jadam.adamw(1e-2, weight_decay=0.3, mask=mask, layout=layout)
   ref = optax.adamw(1e-2, weight_decay=0.3, mask=mask)
-  s, rs, p, rp = tx.init(params), ref.init(params), params, params
-  for i in range(5):
-    g = grads_like(params, i)
-    u, s = jax.jit(tx.update)(g, s, p)
-    ru, rs = jax.jit(ref.update)(g, rs, rp)
-    p, rp = optax.apply_updates(p, u), optax.apply_updates(rp, ru)
+  p, _, rp, _ = side_by_side(tx, ref, params, lambda t: grads_like(params, t), 5)
   chex.assert_trees_all_close(p, rp, rtol=1e-6, atol=0)
   # The mask mattered: without it the result is another.
   unmasked = optax.adamw(1e-2, weight_decay=0.3)

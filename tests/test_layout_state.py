@@ -14,6 +14,7 @@ import pytest
 
 import jadam
 import jadam.parallel
+from _trees import side_by_side
 
 NUM_DEVICES = 8
 
@@ -65,13 +66,7 @@ def test_flat_state_survives_inject_hyperparams_and_a_restore(tmp_path):
   tx = optax.inject_hyperparams(jadam.adamw, static_args=("layout",))(
       learning_rate=1e-2, weight_decay=0.1, layout="flat")
   ref = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2, weight_decay=0.1)
-  state, ref_state = tx.init(params), ref.init(params)
-  p, rp = params, params
-  for step in range(3):
-    g = f32_grads(params, step)
-    u, state = jax.jit(tx.update)(g, state, p)
-    ru, ref_state = jax.jit(ref.update)(g, ref_state, rp)
-    p, rp = optax.apply_updates(p, u), optax.apply_updates(rp, ru)
+  p, state, rp, _ = side_by_side(tx, ref, params, lambda t: f32_grads(params, t), 3)
   chex.assert_trees_all_close(p, rp, rtol=1e-6, atol=0)
 
   ckpt = ocp.StandardCheckpointer()
@@ -183,3 +178,15 @@ def test_flat_state_restores_in_a_fresh_process(tmp_path):
   saved, restored = np.load(tmp_path / "save.npz"), np.load(tmp_path / "restore.npz")
   for k in saved:
     np.testing.assert_array_equal(restored[k], saved[k])
+
+
+def test_flat_trainer_abstract_state_is_what_init_makes():
+  """abstract_state of tree params lays them out as init does (packed), so a
+  checkpoint restore target matches the real state."""
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
+  trainer = jadam.parallel.DataParallel(_mse, jadam.adam(1e-2), mesh, layout="flat")
+  tree = {"w": np.ones((3, 4), np.float32)}
+  abstract = trainer.abstract_state(tree)
+  real = trainer.init(tree)
+  assert jax.tree.structure(abstract) == jax.tree.structure(real)
+  chex.assert_trees_all_equal_shapes_and_dtypes(abstract, real)

@@ -38,7 +38,8 @@ class DataParallel:
     inserts the all-reduce.
   * ``"pmap"``: ``jax.pmap`` with ``lax.pmean``; params and state carry a
     leading device axis (one replica per local device).
-  * ``"zero1"``, ``"zero2"`` (ZeRO, jadam optimizers only): the optimizer
+  * ``"zero1"``, ``"zero2"`` (ZeRO; a jadam optimizer, bare or in the
+    common optax chains, see ``jadam/parallel/_zero.py``): the optimizer
     state sharded flat over the data axis, ``1/N`` per device; the step
     reduce-scatters the gradient, updates each device's slice and
     all-gathers the params (``jadam/parallel/_zero.py``).
@@ -246,6 +247,8 @@ class DataParallel:
         raise ValueError(
             "`DataParallel.abstract_state()` needs `params` (arrays or "
             "jax.ShapeDtypeStruct) until `init` has been called")
+    if self._layout == "flat" and not isinstance(params, Packed):
+      params = FlatLayout.from_tree(params).shape_dtypes()  # as init packs them
     return _abstract_state(self._strategy, _shape_dtypes(params))
 
   def step(self, params: PyTree, opt_state: PyTree, batch: PyTree):
