@@ -67,23 +67,17 @@ class OptimizerSpec(NamedTuple):
   mu_dtype: Any = None
   nu_dtype: Any = None
 
-  def hyper(self, count: jax.Array | None = None) -> _rule.Hyper:
-    """Hyperparameter values for the step whose (old) count is ``count``.
+  def hyper(self) -> _rule.Hyper:
+    """Hyperparameter values as the update path takes them.
 
-    Without ``count``, schedules stay callables: the update path evaluates
-    them inside its one jitted computation (:func:`jadam._update.update_chunks`),
-    so an eager step and a jitted one compute the same schedule value.
+    Schedules stay callables: the update path evaluates them at the step count
+    inside its one jitted computation (:func:`jadam._update.update_chunks`), so
+    an eager step and a jitted one compute the same schedule value.
     """
-    lr = self.learning_rate
-    if callable(lr) and count is not None:
-      lr = lr(count)
-    wd = self.weight_decay
-    if callable(wd) and count is not None:
-      wd = wd(count)
     return _rule.Hyper(
-        learning_rate=_as_hyper(lr), b1=_as_hyper(self.b1), b2=_as_hyper(self.b2),
-        eps=_as_hyper(self.eps), eps_root=_as_hyper(self.eps_root),
-        weight_decay=_as_hyper(wd), threshold=_as_hyper(self.threshold),
+        learning_rate=_as_hyper(self.learning_rate), b1=_as_hyper(self.b1),
+        b2=_as_hyper(self.b2), eps=_as_hyper(self.eps), eps_root=_as_hyper(self.eps_root),
+        weight_decay=_as_hyper(self.weight_decay), threshold=_as_hyper(self.threshold),
     )
 
   def uses_weight_decay(self) -> bool:
@@ -200,12 +194,7 @@ def tree_update(
   """
   check_state(fn, rule, state)
   V.check_same_structure("grads", grads, "state.mu", state.mu)
-  use_wd = _update.uses_weight_decay(hp)
-  if params is None and (apply or rule.trust_ratio or use_wd):
-    raise ValueError(
-        f"`{fn}` needs `params` (for weight decay, LAMB's trust ratio or "
-        f"applying the update); got params=None"
-    )
+  use_wd = _update.check_params_given(fn, rule, hp, params, apply=apply)
   if params is not None:
     V.check_same_structure("params", params, "grads", grads)
   if decay_mask is None:
@@ -277,7 +266,7 @@ def _functional_hyper(fn, learning_rate, b1, b2, eps, eps_root, weight_decay):
           f"evaluate it at state.count (or use jadam.adam)"
       )
   spec.validate()
-  return spec.hyper(None)
+  return spec.hyper()
 
 
 def update(

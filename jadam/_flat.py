@@ -24,6 +24,7 @@ from . import _validate as V
 from ._layout import FlatLayout
 from ._layout import sharded_pad_multiple
 from ._packed import Packed
+from ._sharding import like_sharding
 
 MAX_PACKED_LEAF = 1 << 15
 """Leaves larger than this (32768 elements) keep a buffer of their own in the
@@ -87,15 +88,6 @@ def _params_mesh(params):
 
 
 
-def _check_needs_params(fn: str, rule: _rule.Rule, hp: _rule.Hyper, params) -> bool:
-  use_wd = _update.uses_weight_decay(hp)
-  if params is None and (rule.trust_ratio or use_wd):
-    raise ValueError(
-        f"`{fn}` needs `params` (for weight decay or LAMB's trust ratio); got params=None"
-    )
-  return use_wd
-
-
 def flat_update(
     fn: str,
     rule: _rule.Rule,
@@ -126,7 +118,7 @@ def flat_update(
   """
   layout = state_layout(fn, rule, state).for_tree(
       f"{fn}(updates=...)", grads, "the state's flat layout")
-  use_wd = _check_needs_params(fn, rule, hp, params)
+  use_wd = _update.check_params_given(fn, rule, hp, params)
   if params is not None:
     params_layout = layout.for_tree(f"{fn}(params=...)", params, "the state's flat layout")
     if params_layout != layout:  # same leaves, other containers: read them as the updates'
@@ -151,7 +143,7 @@ def packed_update(fn: str, rule: _rule.Rule, hp: _rule.Hyper, grads: Packed, sta
     raise ValueError(
         f"`{fn}`: updates, state and params must be packed by the same FlatLayout "
         "(the state made by init from the same packed params)")
-  use_wd = _check_needs_params(fn, rule, hp, params)
+  use_wd = _update.check_params_given(fn, rule, hp, params)
   static = (rule, layout, _flags(decay_mask, layout), use_wd, params is not None, scale_lr)
   return _update.jitted(_packed_body, static, hp, grads, state, params)
 
@@ -165,8 +157,8 @@ def _buffers_step(static, hp, count, g_packed, moments, p_packed):
   rule, layout, decay_mask, use_wd, _, scale_lr = static
   chunks = [
       _update.Chunk(
-          _update.like_sharding(g_packed[b.key], moments[0][b.key]), tuple(m[b.key] for m in moments),
-          None if p_packed is None else _update.like_sharding(p_packed[b.key], moments[0][b.key]),
+          like_sharding(g_packed[b.key], moments[0][b.key]), tuple(m[b.key] for m in moments),
+          None if p_packed is None else like_sharding(p_packed[b.key], moments[0][b.key]),
           _segments.BufferSegments(layout, b.key), tuple(decay_mask[i] for i in b.leaves))
       for b in layout.buffers
   ]
@@ -192,7 +184,7 @@ def _flat_body(static, hp, grads, state, params):
   if not has_params:
     updates = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), updates, grads)
   # Each update leaf sharded like its param (or gradient) on an Explicit mesh.
-  updates = jax.tree.map(_update.like_sharding, updates, params if has_params else grads)
+  updates = jax.tree.map(like_sharding, updates, params if has_params else grads)
   return updates, _core.state_class(rule)(count_inc, *new_moments)
 
 

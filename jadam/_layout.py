@@ -28,6 +28,7 @@ from jax import lax
 
 from . import _validate as V
 from ._packed import Packed
+from ._sharding import replicated_if_explicit
 
 PAD_MULTIPLE = 8 * 128
 """Default padded-length multiple of a buffer: 1024 = 8 x 128 elements.
@@ -369,6 +370,11 @@ class FlatLayout:
 
   # ---------------------------------------------------- static per-element data
 
+  def segment_sizes(self, key: str) -> tuple[int, ...]:
+    """Elements of each leaf of buffer ``key`` (buffer order), then of its padding."""
+    b = self.buffer(key)
+    return tuple(self.segments[i].size for i in b.leaves) + (b.length - b.size,)
+
   def segment_ids(self, key: str) -> np.ndarray:
     """Per element of buffer ``key``: the index of its leaf among the buffer's leaves.
 
@@ -379,8 +385,7 @@ class FlatLayout:
     Returns:
       A static int32 numpy array of shape ``(buffer.length,)``.
     """
-    b = self.buffer(key)
-    sizes = [self.segments[i].size for i in b.leaves] + [b.length - b.size]
+    sizes = self.segment_sizes(key)
     return np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
 
   def mask_buffers(self, mask) -> dict[str, np.ndarray]:
@@ -394,33 +399,15 @@ class FlatLayout:
       ``{buffer key: bool numpy array}``; padding elements are False.
     """
     flags = self._leaf_flags("FlatLayout.mask_buffers", mask)
-    out = {}
-    for b in self.buffers:
-      m = np.zeros(b.length, bool)
-      for i in b.leaves:
-        s = self.segments[i]
-        m[s.offset:s.offset + s.size] = flags[i]
-      out[b.key] = m
-    return out
+    return {b.key: np.repeat(np.array([flags[i] for i in b.leaves] + [False], bool),
+                             self.segment_sizes(b.key))
+            for b in self.buffers}
 
   def _leaf_flags(self, fn: str, mask) -> tuple[bool, ...]:
     if isinstance(mask, (list, tuple)) and len(mask) == self.num_leaves and all(
         isinstance(m, (bool, np.bool_)) for m in mask):
       return tuple(bool(m) for m in mask)
     return tuple(V.resolve_mask(fn, mask, self.tree_shape_dtypes()))
-
-
-def replicated_if_explicit(x):
-  """``x`` resharded to replicated if its type carries an explicit sharding.
-
-  With ``Explicit`` mesh axes, slicing a sharded buffer into leaves of other
-  shapes has no sharding JAX can infer; a replicated buffer slices freely.
-  """
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  spec = getattr(sharding, "spec", None)
-  if not spec or all(axis is None for axis in spec):
-    return x
-  return jax.sharding.reshard(x, sharding.update(spec=jax.sharding.PartitionSpec()))
 
 
 @functools.lru_cache(maxsize=64)

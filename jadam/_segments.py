@@ -27,7 +27,7 @@ import optax
 from jax import lax
 
 from ._layout import FlatLayout
-from ._layout import replicated_if_explicit
+from ._sharding import replicated_if_explicit
 
 _WORD = 32  # bits per mask word: static per-element masks are packed 32 to a uint32.
 
@@ -181,8 +181,8 @@ class BufferSegments:
   buffer order, then the padding (never decayed, never in a norm)."""
 
   def __init__(self, layout: FlatLayout, key: str):
-    self.buffer = b = layout.buffer(key)
-    self.sizes = tuple(layout.segments[i].size for i in b.leaves) + (b.length - b.size,)
+    self.buffer = layout.buffer(key)
+    self.sizes = layout.segment_sizes(key)
     self.table = segment_table(self.sizes)  # empty leaves have no segment here
 
   def norms(self, xs):

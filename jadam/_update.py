@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _rule
+from ._sharding import like_sharding
 
 
 class Chunk(NamedTuple):
@@ -44,16 +45,6 @@ class Chunk(NamedTuple):
   param: jax.Array | None
   segments: Any
   decay: tuple[bool, ...]
-
-
-def like_sharding(x, ref):
-  """``x`` resharded like ``ref`` when ``ref``'s type carries an explicit
-  sharding (Explicit mesh axes); otherwise ``x`` (GSPMD propagates)."""
-  sharding = getattr(jax.typeof(ref), "sharding", None)
-  spec = getattr(sharding, "spec", None)
-  if not spec or all(axis is None for axis in spec):
-    return x
-  return jax.sharding.reshard(x, sharding)
 
 
 def _decay(direction, param, weight_decay, where):
@@ -140,6 +131,19 @@ def evaluate_schedules(hp: _rule.Hyper, count: jax.Array) -> _rule.Hyper:
 def uses_weight_decay(hp: _rule.Hyper) -> bool:
   """False only for a weight decay that is the Python float 0."""
   return not (isinstance(hp.weight_decay, float) and hp.weight_decay == 0.0)
+
+
+def check_params_given(fn: str, rule: _rule.Rule, hp: _rule.Hyper, params, *,
+                       apply: bool = False) -> bool:
+  """Raises unless ``params`` are given where the step reads them (weight
+  decay, LAMB's trust ratio, applying the update); returns whether weight
+  decay applies."""
+  use_wd = uses_weight_decay(hp)
+  if params is None and (apply or rule.trust_ratio or use_wd):
+    raise ValueError(
+        f"`{fn}` needs `params` (for weight decay, LAMB's trust ratio or "
+        f"applying the update); got params=None")
+  return use_wd
 
 
 # ------------------------------------------------------------ the jit boundary

@@ -32,7 +32,6 @@ from .. import _compose
 from .. import _validate as V
 from .._transformation import SLICES_ARG
 from .._packed import Packed
-from ._common import PyTree
 from ._common import StepConfig
 from ._common import Strategy
 from ._common import auto_mesh
