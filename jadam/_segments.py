@@ -183,7 +183,12 @@ class BufferSegments:
   def __init__(self, layout: FlatLayout, key: str):
     self.buffer = layout.buffer(key)
     self.sizes = layout.segment_sizes(key)
-    self.table = segment_table(self.sizes)  # empty leaves have no segment here
+
+  @functools.cached_property
+  def table(self) -> SegmentTable:
+    # Built only for per-leaf norms (LAMB): its static arrays are buffer-sized
+    # numpy work at trace time, which plain Adam never needs.
+    return segment_table(self.sizes)  # empty leaves have no segment here
 
   def norms(self, xs):
     # A buffer split over an Explicit mesh is gathered for its per-leaf sums.
