@@ -12,6 +12,8 @@ from ._core import step as step
 from ._core import update as update
 from ._layout import FlatLayout as FlatLayout
 from ._packed import Packed as Packed
+from ._quant import QArray as QArray
+from ._quant import Quantized as Quantized
 from ._optimizers import adam as adam
 from ._optimizers import adamax as adamax
 from ._optimizers import adamaxw as adamaxw

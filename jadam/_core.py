@@ -10,14 +10,18 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _quant
 from . import _rule
 from . import _segments
 from . import _update
 from . import _validate as V
+from ._packed import Packed
 
 
 class AdamState(NamedTuple):
@@ -124,14 +128,19 @@ def _zeros(leaf, dtype) -> jax.Array:
   return jnp.zeros_like(leaf, dtype=dtype)
 
 
-def moment_dtypes(rule: _rule.Rule, dtype, mu_dtype=None, nu_dtype=None) -> tuple[np.dtype, ...]:
-  """The dtype of each moment (``rule.moment_names``) of a param of ``dtype``.
+def moment_formats(rule: _rule.Rule, mu_dtype=None, nu_dtype=None) -> tuple:
+  """The format of each moment (``rule.moment_names``): ``None`` (the param's
+  dtype), a float ``np.dtype`` or a :class:`jadam.Quantized` (``signed`` set).
 
-  ``mu_dtype`` sets ``mu``'s; ``nu_dtype`` sets ``nu``'s and ``nu_max``'s;
-  ``None`` keeps the param's.
+  ``mu_dtype`` sets ``mu``'s; ``nu_dtype`` sets ``nu``'s and ``nu_max``'s.
   """
   want = {"mu": mu_dtype, "nu": nu_dtype, "nu_max": nu_dtype}
-  return tuple(np.dtype(want[name] or dtype) for name in rule.moment_names)
+  return tuple(_quant.for_moment(want[name], name) for name in rule.moment_names)
+
+
+def moment_dtypes(rule: _rule.Rule, dtype, mu_dtype=None, nu_dtype=None) -> tuple[np.dtype, ...]:
+  """The dtype of each moment of a param of ``dtype`` (float formats only)."""
+  return tuple(np.dtype(f or dtype) for f in moment_formats(rule, mu_dtype, nu_dtype))
 
 
 def init_state(fn: str, rule: _rule.Rule, params, mu_dtype=None, nu_dtype=None):
@@ -139,19 +148,66 @@ def init_state(fn: str, rule: _rule.Rule, params, mu_dtype=None, nu_dtype=None):
 
   ``params`` may be any pytree: a tree of arrays or ``ShapeDtypeStruct`` s (the
   tree layout) or packed buffers (the flat layouts), whose nodes the moments
-  keep (a :class:`jadam.Packed` keeps its layout).
+  keep (a :class:`jadam.Packed` keeps its layout). A quantized format gives
+  a leaf (or buffer) of at least ``min_quantized_size`` elements a
+  :class:`jadam._quant.QArray`, smaller ones float32 moments.
   """
-  flat, treedef = V.flatten_with_none(params)
+  formats = moment_formats(rule, mu_dtype, nu_dtype)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: x is None or isinstance(x, Packed))
   moments = [[] for _ in rule.moment_names]
-  for path, leaf in flat:
-    if leaf is None:
-      dtypes = (None,) * len(moments)
-    else:
-      V.check_params_leaf(fn, path, leaf)
-      dtypes = moment_dtypes(rule, V.dtype_of(leaf), mu_dtype, nu_dtype)
-    for m, dt in zip(moments, dtypes):
-      m.append(None if leaf is None else _zeros(leaf, dt))
+  for path, node in flat:
+    if isinstance(node, Packed):
+      for m, fmt in zip(moments, formats):
+        m.append(Packed(node.layout, {
+            k: _buffer_moment(fn, path, node.layout, k, v, fmt) for k, v in node.items()}))
+      continue
+    if node is not None:
+      V.check_params_leaf(fn, path, node)
+    for m, fmt in zip(moments, formats):
+      m.append(None if node is None else _leaf_moment(fn, path, node, fmt))
   return state_class(rule)(jnp.zeros([], jnp.int32), *(treedef.unflatten(m) for m in moments))
+
+
+def _check_quantizable(fn: str, path, leaf) -> None:
+  if not jnp.issubdtype(V.dtype_of(leaf), jnp.floating):
+    raise ValueError(
+        f"`{fn}`: quantized moments need real float params; the param at "
+        f"{jax.tree_util.keystr(path) or '<root>'} is {V.dtype_of(leaf).name}")
+
+
+def _leaf_moment(fn: str, path, leaf, fmt):
+  if not isinstance(fmt, _quant.Quantized):
+    return _zeros(leaf, np.dtype(fmt or V.dtype_of(leaf)))
+  _check_quantizable(fn, path, leaf)
+  if math.prod(np.shape(leaf)) < fmt.min_quantized_size:
+    return _zeros(leaf, np.dtype(np.float32))
+  return _quant.zeros(fmt, np.shape(leaf))
+
+
+def _buffer_moment(fn: str, path, layout, key: str, buf, fmt):
+  """The moment of one packed buffer (of a FlatLayout, or ZeRO's layout,
+  which wraps one as ``.flat``)."""
+  if not isinstance(fmt, _quant.Quantized):
+    return _zeros(buf, np.dtype(fmt or V.dtype_of(buf)))
+  _check_quantizable(fn, path, buf)
+  flat = getattr(layout, "flat", layout)
+  b = flat.buffer(key)
+  if b.size < fmt.min_quantized_size:
+    return _zeros(buf, np.dtype(np.float32))
+  # Rank-1 normalization reads one leaf's N-d shape: a FlatLayout buffer of
+  # one leaf. Buffers shared by leaves, or split over devices, use blocks.
+  view = flat.segments[b.leaves[0]].shape if layout is flat and len(b.leaves) == 1 else None
+  shape = tuple(np.shape(buf))
+  if shape[-1] % fmt.block_size:
+    raise ValueError(
+        f"`{fn}`: packed buffer {key!r} has {shape[-1]} elements, not a multiple "
+        f"of the quantized moments' block size {fmt.block_size}; pack with a "
+        f"pad_multiple that is a multiple of it")
+  sharding = getattr(buf, "sharding", None)
+  if sharding is not None and not isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = None
+  return _quant.zeros(fmt, shape, buffer=True, view=view, sharding=sharding)
 
 
 def check_state(fn: str, rule: _rule.Rule, state) -> None:
@@ -193,7 +249,7 @@ def tree_update(
     ``(updates, new_state)``, or ``(new_params, new_state)`` with ``apply``.
   """
   check_state(fn, rule, state)
-  V.check_same_structure("grads", grads, "state.mu", state.mu)
+  V.check_same_structure("grads", grads, "state.mu", _quant.as_arrays(state.mu))
   use_wd = _update.check_params_given(fn, rule, hp, params, apply=apply)
   if params is not None:
     V.check_same_structure("params", params, "grads", grads)
@@ -249,8 +305,8 @@ def init(params, *, mu_dtype=None, nu_dtype=None) -> AdamState:
     >>> state.mu["w"].shape
     (2, 3)
   """
-  mu_dtype = V.check_dtype("jadam.init", "mu_dtype", mu_dtype)
-  nu_dtype = V.check_dtype("jadam.init", "nu_dtype", nu_dtype)
+  mu_dtype = _quant.resolve("jadam.init", "mu_dtype", mu_dtype)
+  nu_dtype = _quant.resolve("jadam.init", "nu_dtype", nu_dtype)
   return init_state("jadam.init", _rule.Rule("adam"), params, mu_dtype, nu_dtype)
 
 

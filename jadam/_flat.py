@@ -12,11 +12,14 @@ params, for weight decay or LAMB), runs the one update path
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import _core
+from . import _quant
 from . import _rule
 from . import _segments
 from . import _update
@@ -63,17 +66,37 @@ def init_flat_state(fn: str, spec: _core.OptimizerSpec, params):
     if leaf is not None:
       V.check_params_leaf(fn, path, leaf)
   mesh = _params_mesh(params)
+  max_packed, block = quantized_packing(spec)
   if mesh is None:
-    layout = FlatLayout.from_tree(params, max_packed_leaf=MAX_PACKED_LEAF)
+    layout = FlatLayout.from_tree(params, max_packed_leaf=max_packed)
     template = layout.shape_dtypes()
   else:
     # Params sharded over a mesh: the packed moments are split over all its
-    # devices (never replicated), each buffer padded to a multiple of them.
-    layout = FlatLayout.from_tree(params, max_packed_leaf=MAX_PACKED_LEAF,
-                                  pad_multiple=sharded_pad_multiple(mesh.size))
+    # devices (never replicated), each buffer padded to a multiple of them
+    # (and quantized moments' blocks split evenly too).
+    layout = FlatLayout.from_tree(
+        params, max_packed_leaf=max_packed,
+        pad_multiple=math.lcm(sharded_pad_multiple(mesh.size), block * mesh.size))
     template = layout.shape_dtypes(
         sharding=NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names))))
   return _core.init_state(fn, spec.rule, template, spec.mu_dtype, spec.nu_dtype)
+
+
+def quantized_packing(spec: _core.OptimizerSpec) -> tuple[int, int]:
+  """``(max_packed_leaf, block)`` of the state's layout.
+
+  With quantized moments every leaf of at least ``min_quantized_size``
+  elements gets a buffer of its own, quantized exactly as the tree layout
+  quantizes that leaf (same blocks; rank-1 over its shape), so the two
+  layouts agree; smaller leaves share float32-moment buffers. ``block`` is
+  the largest block size (buffers split over devices split whole blocks).
+  """
+  formats = [f for f in _core.moment_formats(spec.rule, spec.mu_dtype, spec.nu_dtype)
+             if isinstance(f, _quant.Quantized)]
+  if not formats:
+    return MAX_PACKED_LEAF, 1
+  smallest = min(f.min_quantized_size for f in formats)
+  return max(0, min(MAX_PACKED_LEAF, smallest - 1)), max(f.block_size for f in formats)
 
 
 def _params_mesh(params):
@@ -155,10 +178,11 @@ def _flags(decay_mask, layout: FlatLayout) -> tuple[bool, ...]:
 def _buffers_step(static, hp, count, g_packed, moments, p_packed):
   # The flat layout's chunks: one per packed buffer.
   rule, layout, decay_mask, use_wd, _, scale_lr = static
+  refs = {b.key: _quant.sharding_ref(moments[0][b.key]) for b in layout.buffers}
   chunks = [
       _update.Chunk(
-          like_sharding(g_packed[b.key], moments[0][b.key]), tuple(m[b.key] for m in moments),
-          None if p_packed is None else like_sharding(p_packed[b.key], moments[0][b.key]),
+          like_sharding(g_packed[b.key], refs[b.key]), tuple(m[b.key] for m in moments),
+          None if p_packed is None else like_sharding(p_packed[b.key], refs[b.key]),
           _segments.BufferSegments(layout, b.key), tuple(decay_mask[i] for i in b.leaves))
       for b in layout.buffers
   ]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _core
+from . import _quant
 from . import _rule
 
 _MOMENT_NODES = (optax.ScaleByAdamState, optax.ScaleByAmsgradState)
@@ -34,7 +35,8 @@ def reference(spec: _core.OptimizerSpec) -> optax.GradientTransformation:
   fn = getattr(optax, spec.name)
   values = dict(
       learning_rate=spec.learning_rate, b1=spec.b1, b2=spec.b2, eps=spec.eps,
-      eps_root=spec.eps_root, mu_dtype=spec.mu_dtype, weight_decay=spec.weight_decay,
+      eps_root=spec.eps_root,
+      mu_dtype=None if isinstance(spec.mu_dtype, (str, _quant.Quantized)) else spec.mu_dtype, weight_decay=spec.weight_decay,
       mask=spec.mask, nesterov=spec.rule.nesterov, threshold=spec.threshold,
       bias_correction_mu=spec.rule.bias_correction_mu,
       bias_correction_nu=spec.rule.bias_correction_nu,

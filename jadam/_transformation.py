@@ -14,6 +14,7 @@ from . import _compose
 from . import _core
 from . import _flat
 from . import _optax_state
+from . import _quant
 from . import _validate as V
 from ._packed import Packed
 
@@ -79,8 +80,8 @@ def build(spec: _core.OptimizerSpec, layout: str) -> optax.GradientTransformatio
   spec.validate()
   V.check_choice(spec.name, "layout", layout, LAYOUTS)
   spec = spec._replace(
-      mu_dtype=V.check_dtype(spec.name, "mu_dtype", spec.mu_dtype),
-      nu_dtype=V.check_dtype(spec.name, "nu_dtype", spec.nu_dtype),
+      mu_dtype=_quant.resolve(spec.name, "mu_dtype", spec.mu_dtype),
+      nu_dtype=_quant.resolve(spec.name, "nu_dtype", spec.nu_dtype),
   )
   tx = _transformation(spec, layout)
   # Layout-independent description, found through optax's wrappers (chain,

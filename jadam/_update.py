@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import _quant
 from . import _rule
 from ._sharding import like_sharding
 
@@ -59,7 +60,12 @@ def _decay(direction, param, weight_decay, where):
 def apply_rule(rule: _rule.Rule, hp: _rule.Hyper, scalars: _rule.StepScalars, chunk: Chunk,
                *, use_wd: bool, scale_lr: bool):
   """The update of one chunk (in the compute dtype) and its new moments."""
-  direction, moments = _rule.element_update(rule, hp, scalars, chunk.grad, chunk.moments)
+  # Quantized moments (see :mod:`jadam._quant`) are decoded to float32 here
+  # and encoded again below: the rule only ever sees float values.
+  stored = chunk.moments
+  direction, moments = _rule.element_update(rule, hp, scalars, chunk.grad,
+                                            tuple(_quant.decode(m) for m in stored))
+  moments = tuple(_quant.encode_like(m, old) for m, old in zip(moments, stored))
   p = None if chunk.param is None else chunk.param.astype(direction.dtype)
   if use_wd:
     direction = _decay(direction, p, hp.weight_decay, chunk.segments.select(chunk.decay))

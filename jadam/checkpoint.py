@@ -66,8 +66,9 @@ def _compare(what: str, where: str, saved: list[dict], wanted: list[dict],
              *, resizable=lambda path: False) -> list[tuple[dict, dict]]:
   """Raises a ValueError naming the first difference between two leaf lists.
 
-  Returns the pairs whose shapes differ only in the (padded) last dimension of
-  a resizable leaf.
+  Returns the pairs whose shapes differ only in one (padded) dimension of a
+  resizable leaf: a packed buffer's length, or a quantized buffer's number
+  of blocks.
   """
   by_path = {x["path"]: x for x in saved}
   wanted_paths = {x["path"] for x in wanted}
@@ -87,7 +88,7 @@ def _compare(what: str, where: str, saved: list[dict], wanted: list[dict],
           f"checkpoint, {_fmt(w)} here")
     if s["shape"] != w["shape"]:
       if (resizable(w["path"]) and len(s["shape"]) == len(w["shape"])
-          and s["shape"][:-1] == w["shape"][:-1]):
+          and sum(a != b for a, b in zip(s["shape"], w["shape"])) == 1):
         resized.append((s, w))
         continue
       raise ValueError(
@@ -317,29 +318,31 @@ class Checkpointer:
 
 
 def _sharding_for(sharding: NamedSharding, shape) -> NamedSharding:
-  """``sharding`` if it divides ``shape``, else the same with the last
-  dimension replicated."""
+  """``sharding`` with every dimension it does not divide replicated."""
   spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-  last = spec[-1]
-  if last is not None:
-    names = last if isinstance(last, tuple) else (last,)
+  for dim, entry in enumerate(spec):
+    if entry is None:
+      continue
+    names = entry if isinstance(entry, tuple) else (entry,)
     n = int(np.prod([sharding.mesh.shape[a] for a in names]))
-    if shape[-1] % n:
-      spec[-1] = None
+    if shape[dim] % n:
+      spec[dim] = None
   return NamedSharding(sharding.mesh, P(*spec))
 
 
 def _repad(state, target):
+  # The one padded dimension is cut or zero extended: padding elements (and
+  # a quantized buffer's padding blocks: zero codes, zero scales) hold nothing.
   def fix(x, t):
     if tuple(x.shape) == tuple(t.shape):
       return x
-    n = t.shape[-1]
-    if x.shape[-1] >= n:
-      y = x[..., :n]
-    else:
-      y = jnp.concatenate(
-          [x, jnp.zeros(x.shape[:-1] + (n - x.shape[-1],), x.dtype)], axis=-1)
-    return y
+    dim = next(i for i, (a, b) in enumerate(zip(x.shape, t.shape)) if a != b)
+    n = t.shape[dim]
+    if x.shape[dim] >= n:
+      return jax.lax.slice_in_dim(x, 0, n, axis=dim)
+    pad = [(0, 0)] * x.ndim
+    pad[dim] = (0, n - x.shape[dim])
+    return jnp.pad(x, pad)
 
   return jax.jit(lambda s: jax.tree.map(fix, s, target),
                  out_shardings=jax.tree.map(lambda t: t.sharding, target))(state)

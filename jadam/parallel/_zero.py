@@ -29,6 +29,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .. import _compose
+from .. import _flat
+from .. import _quant
 from .. import _validate as V
 from .._transformation import SLICES_ARG
 from .._packed import Packed
@@ -125,7 +127,8 @@ class ZeroStrategy(Strategy):
 
   def layout_for(self, params, fn: str = "DataParallel.init") -> ZeroLayout:
     """The sharded flat layout of ``params`` (a pure query)."""
-    return zero_layout(params, self.mesh, self.config.axis_name, fn)
+    return zero_layout(params, self.mesh, self.config.axis_name, fn,
+                       block=quantized_block(self.config.optimizer))
 
   def param_sharding(self, spec: P) -> NamedSharding:
     return NamedSharding(self.mesh, spec)
@@ -204,8 +207,11 @@ class ZeroStrategy(Strategy):
   def gather(self, tree):
     def leaf(x):
       if isinstance(x, Packed) and isinstance(x.layout, ZeroLayout):
-        # Sharded moments unpack with the layout they carry.
-        return unpack_host(x.layout, self.mesh, {k: to_host(v) for k, v in x.items()})
+        # Sharded moments unpack with the layout they carry (quantized ones
+        # decoded: the gathered tree holds the moments' values).
+        return unpack_host(x.layout, self.mesh, {
+            k: np.asarray(_quant.decode(jax.tree.map(to_host, v)))
+            for k, v in x.items()})
       return to_host(x)
 
     return jax.tree.map(leaf, tree, is_leaf=lambda x: isinstance(x, Packed))
@@ -272,6 +278,13 @@ class ZeroStrategy(Strategy):
           "wrapper drop the extra argument `jadam_slices`?")
     params = apply_and_gather(layout, self.mesh, p_slices, updates)
     return params, opt_state, loss, aux
+
+
+def quantized_block(optimizer) -> int:
+  """The largest block size of the jadam optimizer's quantized moments (1:
+  none): ZeRO's slices must hold whole blocks."""
+  spec = _compose.jadam_spec(optimizer)
+  return 1 if spec is None else _flat.quantized_packing(spec)[1]
 
 
 def _state_layout(opt_state) -> ZeroLayout:

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from .. import _validate as V
 from .._layout import FlatLayout
 from .._layout import sharded_pad_multiple
+from .._quant import QArray
 from ._common import PyTree
 
 
@@ -117,17 +118,24 @@ class ZeroLayout:
       return P(self.other_axes, self.axis_name)
     return P(self.axis_name)
 
-  def local_buffer(self, x: jax.Array) -> jax.Array:
-    """Inside ``shard_map``: a device's block of a buffer as a 1-D slice."""
+  def local_buffer(self, x):
+    """Inside ``shard_map``: a device's block of a buffer as a 1-D slice (a
+    quantized moment: its codes and scales of the slice's blocks)."""
+    if isinstance(x, QArray):
+      return x.map_arrays(lambda a, k: a.reshape((-1,) + a.shape[a.ndim - k + 1:]))
     return x.reshape(-1)
 
-  def to_block(self, x: jax.Array) -> jax.Array:
+  def to_block(self, x):
     """Inside ``shard_map``: a 1-D slice as the device's block of a buffer."""
-    return x.reshape((1, -1)) if self.other_axes else x
+    if not self.other_axes:
+      return x
+    if isinstance(x, QArray):
+      return x.map_arrays(lambda a, k: a[None])
+    return x.reshape((1, -1))
 
 
 @functools.lru_cache(maxsize=64)
-def _make_layout(treedef, leaves, axis_name, num_shards, other_axes, other_sizes):
+def _make_layout(treedef, leaves, axis_name, num_shards, other_axes, other_sizes, quant_block=1):
   local, specs, shapes = [], [], []
   sizes = dict(zip(other_axes, other_sizes))
   for leaf in leaves:
@@ -146,8 +154,10 @@ def _make_layout(treedef, leaves, axis_name, num_shards, other_axes, other_sizes
     local.append(jax.ShapeDtypeStruct(tuple(block), dtype))
     specs.append(spec)
     shapes.append(shape)
-  flat = FlatLayout.from_tree(treedef.unflatten(local),
-                              pad_multiple=sharded_pad_multiple(num_shards))
+  # Quantized moments: every slice holds whole blocks of ``quant_block``.
+  flat = FlatLayout.from_tree(
+      treedef.unflatten(local),
+      pad_multiple=math.lcm(sharded_pad_multiple(num_shards), quant_block * num_shards))
   return ZeroLayout(flat, tuple(specs), tuple(shapes), axis_name, num_shards,
                     other_axes, other_sizes)
 
@@ -191,9 +201,11 @@ def _param_spec(fn: str, path, x, mesh: Mesh, axis_name: str) -> P:
 
 
 def zero_layout(params: PyTree, mesh: Mesh, axis_name: str,
-                fn: str = "DataParallel.init") -> ZeroLayout:
+                fn: str = "DataParallel.init", block: int = 1) -> ZeroLayout:
   """The sharded flat layout of ``params`` (arrays or ``ShapeDtypeStruct``) on
-  ``mesh``; a leaf's ``NamedSharding`` over the non-data axes is kept."""
+  ``mesh``; a leaf's ``NamedSharding`` over the non-data axes is kept.
+  ``block``: the quantized moments' largest block size (1: none), so that
+  each device's slice holds whole blocks."""
   flat, treedef = V.flatten_with_none(params)
   leaves = []
   for path, x in flat:
@@ -205,7 +217,7 @@ def zero_layout(params: PyTree, mesh: Mesh, axis_name: str,
                    _param_spec(fn, path, x, mesh, axis_name)))
   other = tuple(a for a in mesh.axis_names if a != axis_name)
   return _make_layout(treedef, tuple(leaves), axis_name, mesh.shape[axis_name],
-                      other, tuple(mesh.shape[a] for a in other))
+                      other, tuple(mesh.shape[a] for a in other), int(block))
 
 
 def unpack_host(layout: ZeroLayout, mesh: Mesh, buffers) -> PyTree:
