@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _compose
+from . import _flat
+from . import _quant
 from . import _rule
 from . import _validate as V
 from ._core import moment_dtypes
@@ -112,6 +114,16 @@ def _state_bytes(state, n: int, mu_dtype=None, nu_dtype=None) -> int:
   return total
 
 
+def _zero_slices(tree, n: int, block: int) -> Packed:
+  """ZeRO's packed slices of ``tree`` on ``n`` devices (replicated params), as
+  ``jax.ShapeDtypeStruct``: what its optimizer state is made for."""
+  # Imported here: jadam.parallel builds on the core.
+  from .parallel._zero_layout import replicated_zero_layout  # pylint: disable=import-outside-toplevel
+  layout = replicated_zero_layout(tree, n, block)
+  return Packed(layout, {b.key: jax.ShapeDtypeStruct((b.length,), b.dtype)
+                         for b in layout.flat.buffers})
+
+
 def _leaves(params):
   out = []
   for path, x in V.flatten_with_none(params)[0]:
@@ -142,8 +154,10 @@ def memory_plan(
     strategy: ``"plain"`` (``"shard_map"``, ``"jit"`` and ``"pmap"`` are the
       same), ``"zero1"`` or ``"zero2"``.
     n_devices: devices on the data axis.
-    mu_dtype: dtype of the first moment (default: each param's).
-    nu_dtype: dtype of the second moment (default: each param's).
+    mu_dtype: dtype of the first moment (default: each param's), or a
+      quantized format (``"q8"``, ``"q4"``, :class:`jadam.Quantized`): its
+      codes and scales are counted exactly.
+    nu_dtype: the same for the second moment.
     optimizer: optionally, the optimizer: its own state is measured with
       ``jax.eval_shape`` (nothing is allocated): for a plain strategy any
       optax optimizer's, for ZeRO a jadam optimizer's (bare or in a chain the
@@ -172,8 +186,20 @@ def memory_plan(
       or not isinstance(accumulation_steps, (int, np.integer)) or accumulation_steps < 1):
     raise ValueError("`jadam.memory_plan(accumulation_steps=...)` must be a "
                      f"positive integer, got {accumulation_steps!r}")
-  mu_dtype = V.check_dtype("jadam.memory_plan", "mu_dtype", mu_dtype)
-  nu_dtype = V.check_dtype("jadam.memory_plan", "nu_dtype", nu_dtype)
+  mu_dtype = _quant.resolve("jadam.memory_plan", "mu_dtype", mu_dtype)
+  nu_dtype = _quant.resolve("jadam.memory_plan", "nu_dtype", nu_dtype)
+  if _quant.is_quantized(mu_dtype) or _quant.is_quantized(nu_dtype):
+    if optimizer is not None:
+      raise ValueError(
+          "`jadam.memory_plan(mu_dtype=..., nu_dtype=...)` replace the dtypes of "
+          "a given optimizer's moments; for quantized moments pass them to the "
+          "optimizer itself (e.g. jadam.adam(..., mu_dtype='q8')) and give only "
+          "`optimizer`")
+    # Quantized moments: measure the state jadam.adam makes (codes and
+    # scales, tiny leaves float32), exactly as the trainer's arrays hold it.
+    from . import _optimizers  # pylint: disable=import-outside-toplevel
+    optimizer = _optimizers.adam(1e-3, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    mu_dtype = nu_dtype = None
   n = int(n_devices)
   leaves = _leaves(params)
   num_params = sum(math.prod(s) for s, _ in leaves)
@@ -209,14 +235,17 @@ def memory_plan(
         "bare or in an optax.chain with elementwise transformations or "
         "optax.clip_by_global_norm (ZeRO applies a jadam rule to flat slices), "
         f"got {optimizer!r}")
-  layout = FlatLayout.from_tree(tree, pad_multiple=sharded_pad_multiple(n))
+  spec = parts.jadam[0] if optimizer is not None else None
+  block = 1 if spec is None else _flat.quantized_packing(spec)[1]
+  layout = FlatLayout.from_tree(
+      tree, pad_multiple=math.lcm(sharded_pad_multiple(n), block * n))
   if optimizer is None:
     opt_state = adam_bytes([(b.length, b.dtype) for b in layout.buffers], n)
   else:
-    # The optimizer's own state for the packed buffers: packed arrays are
+    # The optimizer's own state for ZeRO's packed slices: packed arrays are
     # split over the devices, the rest (counts, scalars) replicated.
-    opt_state = _state_bytes(jax.eval_shape(optimizer.init, layout.shape_dtypes()), n,
-                             mu_dtype, nu_dtype)
+    opt_state = _state_bytes(jax.eval_shape(optimizer.init, _zero_slices(tree, n, block)),
+                             n, mu_dtype, nu_dtype)
   if strategy == "zero1":
     grads = sum(math.prod(s) * grad_dtype(dt).itemsize for s, dt in leaves)
   else:

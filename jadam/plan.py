@@ -6,6 +6,7 @@ Examples::
   python -m jadam.plan --params 7e9 --devices 8
   python -m jadam.plan --params 124e6 --devices 1 2 8 --moments float32 bfloat16 --markdown
   python -m jadam.plan --measure --fake-devices 8 --params 4e6 --markdown
+  python -m jadam.plan --params 7e9 --devices 8 --mu-dtype q8 --nu-dtype q4
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ def _tree(num_params: int, leaves: int, dtype) -> list:
   return [jax.ShapeDtypeStruct((base + (i < extra),), dtype) for i in range(leaves)]
 
 
+def _pair(moment):
+  """``(mu_dtype, nu_dtype)`` of a ``--moments`` entry (one format for both)
+  or of a ``(mu, nu)`` pair."""
+  return tuple(moment) if isinstance(moment, (tuple, list)) else (moment, moment)
+
+
+def _label(moment) -> str:
+  mu, nu = _pair(moment)
+  return mu if mu == nu else f"{mu}/{nu}"
+
+
 def plan_rows(num_params: int, devices, moments, *, param_dtype="float32",
               leaves: int = 1, strategies=STRATEGIES,
               accumulation_steps: int = 1) -> list[dict]:
@@ -35,13 +47,14 @@ def plan_rows(num_params: int, devices, moments, *, param_dtype="float32",
   params = _tree(num_params, leaves, np.dtype(param_dtype))
   rows = []
   for moment in moments:
+    mu, nu = _pair(moment)
     for strategy in strategies:
       for n in devices:
         plan = memory_plan(params, strategy=strategy, n_devices=n,
-                           mu_dtype=moment, nu_dtype=moment,
+                           mu_dtype=mu, nu_dtype=nu,
                            accumulation_steps=accumulation_steps)
         rows.append({
-            "strategy": strategy, "devices": n, "moments": moment,
+            "strategy": strategy, "devices": n, "moments": _label(moment),
             "params_bytes": plan.params, "grads_bytes": plan.grads,
             "opt_state_bytes": plan.opt_state, "total_bytes": plan.total,
             "bytes_per_param": {
@@ -113,19 +126,20 @@ def measure(num_params: int, devices, moments, accumulation_steps=(1, 4)) -> dic
   width = params0["layer_0"]["w"].shape[0]
   memory = []
   for moment in moments:
+    mu, nu = _pair(moment)
     for strategy in ("shard_map", "zero1", "zero2"):
       for n in devices:
         mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
-        optimizer = jadam.adam(1e-3, mu_dtype=moment, nu_dtype=moment)
+        optimizer = jadam.adam(1e-3, mu_dtype=mu, nu_dtype=nu)
         trainer = jadam.parallel.DataParallel(loss_fn, optimizer, mesh,
                                               strategy=strategy)
         params, opt_state = trainer.init(params0)
         plan = memory_plan(params0, strategy=strategy, n_devices=n,
-                           mu_dtype=moment, nu_dtype=moment)
+                           mu_dtype=mu, nu_dtype=nu)
         got_params, got_state = _device0_bytes(params), _device0_bytes(opt_state)
         memory.append({
             "strategy": "plain" if strategy == "shard_map" else strategy,
-            "devices": n, "moments": moment,
+            "devices": n, "moments": _label(moment),
             "params_bytes": got_params, "opt_state_bytes": got_state,
             "grads_bytes": plan.grads,
             "bytes_per_param": {
@@ -193,6 +207,11 @@ def main(argv=None) -> int:
                       help="data-axis device counts")
   parser.add_argument("--moments", nargs="+", default=["float32", "bfloat16"],
                       help="moment dtypes (mu and nu)")
+  parser.add_argument("--mu-dtype", metavar="FORMAT",
+                      help="first moment's format (a dtype, q8 or q4); with "
+                           "--nu-dtype, replaces --moments")
+  parser.add_argument("--nu-dtype", metavar="FORMAT",
+                      help="second moment's format (a dtype, q8 or q4)")
   parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
                       choices=STRATEGIES)
   parser.add_argument("--accumulation-steps", type=int, default=1)
@@ -206,6 +225,8 @@ def main(argv=None) -> int:
   parser.add_argument("--fake-devices", type=int, metavar="N",
                       help="with --measure on CPU: use N fake CPU devices")
   args = parser.parse_args(argv)
+  if args.mu_dtype or args.nu_dtype:
+    args.moments = [(args.mu_dtype or "float32", args.nu_dtype or "float32")]
 
   if args.measure:
     if args.fake_devices:

@@ -80,6 +80,7 @@ class Runner:
   compile_s: float | None = None
   peak_bytes: int | None = None
   peak_source: str | None = None
+  xla_bytes_accessed: float | None = None
   steps_run: int = 0
 
   def step(self) -> None:
@@ -93,8 +94,32 @@ class Runner:
     """The current params as leaves in the tree's flattening order."""
     raise NotImplementedError
 
+  def array_bytes(self) -> tuple[int, int, int]:
+    """``(params, optimizer state, other inputs)``: the bytes of the arrays
+    the step is given (summed ``nbytes`` of their leaves; a quantized
+    moment's are its uint8 codes and float32 scales). The other inputs are
+    the gradients (the tokens in the train case)."""
+    raise NotImplementedError
+
   def close(self) -> None:
     pass
+
+
+def _nbytes(tree) -> int:
+  return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+
+
+def _bytes_from_cost_analysis(compiled) -> float | None:
+  """XLA's ``bytes accessed`` of the compiled step: the operand and output
+  bytes of every top-level instruction (each fusion counted once), summed."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  value = None if not cost else cost.get("bytes accessed")
+  return None if value is None else float(value)
 
 
 def _peak_from_memory_analysis(compiled) -> int | None:
@@ -123,6 +148,9 @@ class JaxRunner(Runner):
     self.compile_s = time.perf_counter() - t0
     self.peak_bytes = _peak_from_memory_analysis(self._compiled)
     self.peak_source = "xla memory_analysis"
+    self.xla_bytes_accessed = _bytes_from_cost_analysis(self._compiled)
+    # Donation keeps every carry's shapes and dtypes: these sizes hold at every step.
+    self._array_bytes = (_nbytes(args[0]), _nbytes(args[1:n_carry]), _nbytes(args[n_carry:]))
     self._args = list(args)
     self._n_carry = n_carry
     self._unpack = unpack
@@ -135,6 +163,9 @@ class JaxRunner(Runner):
   def params(self) -> list:
     p = self._args[0]
     return jax.tree.leaves(p if self._unpack is None else self._unpack(p))
+
+  def array_bytes(self) -> tuple[int, int, int]:
+    return self._array_bytes
 
   def close(self) -> None:
     self._args = None
@@ -170,6 +201,15 @@ class TorchRunner(Runner):
   def params(self) -> list:
     return [p.detach().cpu().numpy() for p in self._params]
 
+  def array_bytes(self) -> tuple[int, int, int]:
+    # torch creates its state (exp_avg, exp_avg_sq, step) at the first step.
+    def size(t):
+      return t.element_size() * t.nelement()
+    state = sum(size(t) for st in self._opt.state.values() for t in st.values()
+                if self._torch.is_tensor(t))
+    return (sum(size(p) for p in self._params), state,
+            sum(size(p.grad) for p in self._params))
+
   def peak(self) -> int | None:
     return int(self._torch.cuda.max_memory_allocated()) if self._cuda else None
 
@@ -199,6 +239,25 @@ def _flat_step(grads_packed_unused=None):
   def step(packed, state, grads):
     return jadam.step(grads, state, packed, learning_rate=LEARNING_RATE)
   return step
+
+
+QUANTIZED = "q8"
+"""The moment format of the ``*_q8`` rows (``mu_dtype`` and ``nu_dtype``)."""
+
+
+def quantized_adam(layout: str = "tree"):
+  """``jadam.adam`` with both moments 8-bit block-wise (leaves under 4096
+  elements keep float32 moments)."""
+  return jadam.adam(LEARNING_RATE, mu_dtype=QUANTIZED, nu_dtype=QUANTIZED, layout=layout)
+
+
+def quantized_flat_layout(params) -> FlatLayout:
+  """The layout ``jadam.adam(..., layout="flat")`` with q8 moments packs
+  ``params`` in (read from its abstract state, nothing allocated): every leaf
+  with quantized moments in a buffer of its own, quantized in the tree
+  layout's blocks; the small leaves share float32-moment buffers."""
+  state = jax.eval_shape(quantized_adam("flat").init, params)
+  return state[0].mu.layout
 
 
 def _random_tree(shapes, seed: int, scale: float, device):
@@ -236,6 +295,22 @@ def build_optimizer_runners(case: Case, impls, device, jax_device) -> tuple[dict
       packed = jax.jit(layout.pack)(params)
       runners[impl] = JaxRunner(
           _flat_step(), (packed, jadam.init(packed), jax.jit(layout.pack)(grads)),
+          unpack=layout.unpack,
+      )
+    elif impl == "jadam_tree_q8":
+      tx = quantized_adam()
+      p = _copy(params)
+      runners[impl] = JaxRunner(_optimizer_step(tx), (p, tx.init(p), grads))
+    elif impl == "jadam_flat_q8":
+      # Flat end to end like jadam_flat, in the q8 flat layout's buffers. The
+      # step is the optimizer's update of packed values (DataParallel(layout=
+      # "flat")'s path) plus apply_updates in the same jit: jadam.step
+      # rejects a packed state with quantized buffers.
+      layout = quantized_flat_layout(params)
+      tx = quantized_adam()
+      packed = jax.jit(layout.pack)(params)
+      runners[impl] = JaxRunner(
+          _optimizer_step(tx), (packed, tx.init(packed), jax.jit(layout.pack)(grads)),
           unpack=layout.unpack,
       )
     elif impl == "optax_sgd":
@@ -276,14 +351,27 @@ def build_train_runners(case: Case, impls, jax_device) -> tuple[dict, int, int]:
 
   runners = {}
   for impl in impls:
-    if impl in ("optax", "jadam_tree", "jadam_flat_tree_io"):
+    if impl in ("optax", "jadam_tree", "jadam_flat_tree_io", "jadam_tree_q8"):
       tx = {
           "optax": lambda: optax.adam(LEARNING_RATE),
           "jadam_tree": lambda: jadam.adam(LEARNING_RATE),
           "jadam_flat_tree_io": lambda: jadam.adam(LEARNING_RATE, layout="flat"),
+          "jadam_tree_q8": quantized_adam,
       }[impl]()
       p = _copy(params)
       runners[impl] = JaxRunner(tree_step(tx), (p, tx.init(p), tokens))
+    elif impl == "jadam_flat_q8":
+      layout = quantized_flat_layout(params)
+      tx = quantized_adam()
+
+      def flat_q8_step(packed, state, toks, layout=layout, tx=tx):
+        value, grads = jax.value_and_grad(lambda q: loss(layout.unpack(q), toks))(packed)
+        updates, state = tx.update(grads, state, packed)
+        return optax.apply_updates(packed, updates), state, value
+
+      packed = jax.jit(layout.pack)(params)
+      runners[impl] = JaxRunner(flat_q8_step, (packed, tx.init(packed), tokens),
+                                unpack=layout.unpack)
     elif impl == "jadam_flat":
       layout = FlatLayout.from_tree(params)
 

@@ -220,6 +220,15 @@ def zero_layout(params: PyTree, mesh: Mesh, axis_name: str,
                       other, tuple(mesh.shape[a] for a in other), int(block))
 
 
+def replicated_zero_layout(tree: PyTree, num_shards: int, block: int = 1) -> ZeroLayout:
+  """The layout :func:`zero_layout` gives replicated ``tree`` (shapes and
+  dtypes only) on ``num_shards`` devices of a one-axis mesh (no mesh needed)."""
+  flat, treedef = V.flatten_with_none(tree)
+  leaves = tuple(None if x is None else (tuple(np.shape(x)), V.dtype_of(x), P())
+                 for _, x in flat)
+  return _make_layout(treedef, leaves, "data", int(num_shards), (), (), int(block))
+
+
 def unpack_host(layout: ZeroLayout, mesh: Mesh, buffers) -> PyTree:
   """A tree of host arrays with the params' global shapes from gathered
   (host) buffers of ``layout`` on ``mesh``."""
