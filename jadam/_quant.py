@@ -150,14 +150,10 @@ def code_map(bits: int, code: str, signed: bool) -> np.ndarray:
   if code == "linear":
     table = np.linspace(-1.0, 1.0, n) if signed else np.arange(1, n + 1) / n
     return np.asarray(table, np.float32)
-  decades = bits - 1
-  positive = []
-  for i in range(decades):
-    levels = (1 << i) if signed else (2 << i)
-    edges = np.linspace(0.1, 1.0, levels + 1)
-    positive.extend(10.0 ** (i - (decades - 1)) * (edges[:-1] + edges[1:]) / 2)
-  positive = np.asarray(positive)
-  values = np.concatenate([positive, -positive]) if signed else positive
+  levels, scales, _ = _dynamic_parts(bits, signed)
+  positive = np.concatenate([
+      s * (0.1 + (np.arange(k) + 0.5) * 0.9 / k) for k, s in zip(levels, scales)])
+  values = np.concatenate([-positive, positive]) if signed else positive
   table = np.sort(np.concatenate([values, [0.0, 1.0]]))
   assert table.size == n, (bits, code, signed, table.size)
   return table.astype(np.float32)
@@ -173,15 +169,67 @@ def max_error(table: np.ndarray, signed: bool) -> float:
   return float(max(np.max(np.diff(t)) / 2, t[0] - low, 1.0 - t[-1]))
 
 
-def _midpoints(table: np.ndarray) -> np.ndarray:
-  t = np.asarray(table, np.float64)
-  return ((t[1:] + t[:-1]) / 2).astype(np.float32)
+def _nearest(x: jax.Array, fmt: Quantized) -> jax.Array:
+  """Index (uint8) of the code nearest to each normalized value.
+
+  Closed form, element-wise with constants only (a search of the table
+  costs a gather per bit; this fuses into the update's one pass): the
+  linear maps round an affine function; the dynamic map first picks the
+  decade (comparing with the midpoints between decades), then rounds
+  within it (its levels are evenly spaced there).
+  """
+  n = 1 << fmt.bits
+  signed = bool(fmt.signed)
+  if fmt.code == "linear":
+    if signed:
+      idx = jnp.round((x + 1) * ((n - 1) / 2))
+    else:
+      idx = jnp.round(x * n) - 1
+    return jnp.clip(idx, 0, n - 1).astype(jnp.uint8)
+  levels, scales, thresholds = _dynamic_parts(fmt.bits, signed)
+  a = jnp.abs(x)
+  group = sum((a > t).astype(jnp.int32) for t in thresholds)  # 0: zero, E + 1: one
+  decades = len(levels)
+  d = jnp.clip(group - 1, 0, decades - 1)
+  scale = _select(d, scales)
+  count = _select(d, [float(c) for c in levels])
+  j = jnp.clip(jnp.round((a / scale - 0.1) * (count / 0.9) - 0.5), 0, count - 1)
+  offset = _select(d, [float(o) for o in np.cumsum([0] + list(levels[:-1]))])
+  total = sum(levels)
+  rank = jnp.where(group == 0, 0.0, 1.0 + offset + j)
+  if not signed:
+    return jnp.where(group > decades, total + 1.0, rank).astype(jnp.uint8)
+  # Signed: [-largest .. -smallest, 0, smallest .. largest, 1]; no -1.
+  positive = jnp.where(group > decades, total + 1.0, rank)
+  negative = jnp.minimum(rank, total)
+  return jnp.where(x >= 0, total + positive, total - negative).astype(jnp.uint8)
 
 
-def _nearest(x: jax.Array, table: np.ndarray) -> jax.Array:
-  """Index of the code nearest to each normalized value (uint8)."""
-  mids = jnp.asarray(_midpoints(table))
-  return jnp.searchsorted(mids, x, side="left", method="scan_unrolled").astype(jnp.uint8)
+def _select(index: jax.Array, values) -> jax.Array:
+  """``values[index]`` for a short list of Python constants, without a gather."""
+  out = jnp.full(index.shape, values[0], jnp.float32)
+  for i, v in enumerate(values[1:], 1):
+    out = jnp.where(index == i, jnp.float32(v), out)
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_parts(bits: int, signed: bool):
+  """The dynamic map's decades: levels per decade, each decade's scale, and
+  the thresholds between zero, the decades and one (midpoints between the
+  neighbouring codes)."""
+  decades = bits - 1
+  levels = tuple((1 << i) if signed else (2 << i) for i in range(decades))
+  scales = tuple(10.0 ** (i - (decades - 1)) for i in range(decades))
+
+  def value(i, j):
+    return scales[i] * (0.1 + (j + 0.5) * 0.9 / levels[i])
+
+  thresholds = [value(0, 0) / 2]
+  for i in range(decades - 1):
+    thresholds.append((value(i, levels[i] - 1) + value(i + 1, 0)) / 2)
+  thresholds.append((value(decades - 1, levels[-1] - 1) + 1.0) / 2)
+  return levels, scales, tuple(float(np.float32(t)) for t in thresholds)
 
 
 def _pack(idx: jax.Array, bits: int) -> jax.Array:
@@ -370,7 +418,6 @@ def encode(x: jax.Array, fmt: Quantized, shape, view=None) -> QArray:
   """Quantizes float ``x`` (shaped as ``shape``; a buffer slice when ``shape``
   is None) into a :class:`QArray`."""
   x = x.astype(jnp.float32)
-  table = fmt.table
   if view is not None:
     n = math.prod(view)
     t = x.reshape(-1)[:n].reshape(view)
@@ -380,7 +427,7 @@ def encode(x: jax.Array, fmt: Quantized, shape, view=None) -> QArray:
     total = math.prod(shape)
     per_byte = 8 // fmt.bits
     xn = jnp.pad(xn, (0, -(-total // per_byte) * per_byte - n))
-    return QArray(_pack(_nearest(xn, table), fmt.bits), scales, fmt, shape, view)
+    return QArray(_pack(_nearest(xn, fmt), fmt.bits), scales, fmt, shape, view)
   b = fmt.block_size
   if shape is None:
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // b, b)
@@ -391,7 +438,7 @@ def encode(x: jax.Array, fmt: Quantized, shape, view=None) -> QArray:
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
   safe = jnp.where(absmax > 0, absmax, 1)[..., None]
   xn = jnp.where(absmax[..., None] > 0, blocks / safe, 0)
-  return QArray(_pack(_nearest(xn, table), fmt.bits), (absmax,), fmt, shape)
+  return QArray(_pack(_nearest(xn, fmt), fmt.bits), (absmax,), fmt, shape)
 
 
 def _rank1_stats(a: jax.Array) -> tuple[jax.Array, ...]:

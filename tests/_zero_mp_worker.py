@@ -2,7 +2,8 @@
 CPU, for tests/test_zero.py.
 
 It joins the run, trains ``tests/_mp_worker.py``'s problem with
-``jadam.adam`` and ``DataParallel(strategy=...)`` for every strategy asked,
+``jadam.adam`` and ``DataParallel(strategy=...)`` for every strategy asked
+(``zero1:q8``: with 8-bit moments),
 feeding its own half of each global batch, and writes
 ``<strategy>-<process id>.npz`` (params, ``mu``, ``nu``, losses, all gathered)
 into ``--out``.
@@ -16,6 +17,14 @@ import os
 import numpy as np
 
 import _mp_worker
+
+
+def moments(jadam, fmt: str) -> dict:
+  """The optimizer's moment formats for a ``strategy:fmt`` name."""
+  if not fmt:
+    return {}
+  q = jadam.Quantized(bits=int(fmt[1:]), block_size=16, min_quantized_size=0)
+  return {"mu_dtype": q, "nu_dtype": q}
 
 
 def main(argv=None) -> int:
@@ -38,13 +47,18 @@ def main(argv=None) -> int:
   share = _mp_worker.GLOBAL_BATCH // args.num_processes
   rows = slice(args.process_id * share, (args.process_id + 1) * share)
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  for strategy in args.strategies:
+  for name in args.strategies:
+    # "zero1:q8": 8-bit moments, quantized even for this small problem.
+    strategy, _, fmt = name.partition(":")
     trainer = jadam.parallel.DataParallel(
-        _mp_worker.loss_fn, jadam.adam(_mp_worker.LEARNING_RATE), mesh,
+        _mp_worker.loss_fn, jadam.adam(_mp_worker.LEARNING_RATE, **moments(jadam, fmt)), mesh,
         strategy=strategy, accumulation_steps=_mp_worker.ACCUMULATION_STEPS)
     params, opt_state = trainer.init(params0)
     # The state spans both processes: each holds the slices of its devices.
     (mu,) = opt_state[0].mu.values()
+    if fmt:
+      assert isinstance(mu, jadam.QArray)
+      mu = mu.codes
     assert not mu.is_fully_addressable
     assert len(mu.addressable_shards) == args.local_devices
     losses = []
@@ -53,7 +67,7 @@ def main(argv=None) -> int:
       losses.append(float(loss))
     params, opt_state = trainer.gather((params, opt_state))
     np.savez(
-        os.path.join(args.out, f"{strategy}-{args.process_id}.npz"),
+        os.path.join(args.out, f"{name}-{args.process_id}.npz"),
         losses=np.array(losses),
         **_mp_worker.flatten("params", params),
         **_mp_worker.flatten("mu", opt_state[0].mu),

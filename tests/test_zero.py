@@ -470,11 +470,44 @@ def test_two_processes_match_one_device(tmp_path):
 
   coordinator = f"127.0.0.1:{mp.free_port()}"
   worker = mp.HERE / "_zero_mp_worker.py"
-  strategies = ["zero1", "zero2"]
+  strategies = ["zero1", "zero2", "zero2:q8"]
   commands = [[sys.executable, str(worker), "--process-id", str(i),
                "--num-processes", "2", "--coordinator", coordinator,
                "--local-devices", "4", "--out", str(tmp_path),
                "--timeout", str(mp.WORKER_TIMEOUT_S // 2),
                "--strategies", *strategies] for i in range(2)]
   mp.run_processes(commands, tmp_path)
-  mp.assert_processes_match_reference(tmp_path, strategies)
+  mp.assert_processes_match_reference(tmp_path, strategies[:2])
+  # Quantized moments across processes: the packed buffer's blocks, each
+  # device quantizing its own slice, as one device quantizes the same buffer.
+  reference = quantized_one_device_reference()
+  for process in range(2):
+    with np.load(tmp_path / f"zero2:q8-{process}.npz") as f:
+      got = dict(f)
+    chex.assert_trees_all_close(got, reference, rtol=mp.RTOL, atol=mp.ATOL,
+                                custom_message=f"zero2:q8, process {process}")
+
+
+def quantized_one_device_reference():
+  import _mp_worker  # pylint: disable=g-import-not-at-top
+  import _zero_mp_worker  # pylint: disable=g-import-not-at-top
+  params0, batches = _mp_worker.make_problem()
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  trainer = jadam.parallel.DataParallel(
+      _mp_worker.loss_fn, jadam.adam(_mp_worker.LEARNING_RATE,
+                                     **_zero_mp_worker.moments(jadam, "q8")),
+      mesh, strategy="shard_map", layout="flat",
+      accumulation_steps=_mp_worker.ACCUMULATION_STEPS)
+  params, opt_state = trainer.init(params0)
+  losses = []
+  for batch in batches:
+    params, opt_state, loss = trainer.step(params, opt_state, batch)
+    losses.append(float(loss))
+  params = trainer.gather(params)
+  node = opt_state[0]
+  layout = node.mu.layout
+  decoded = {name: layout.unpack({k: jadam._quant.decode(v)
+                                  for k, v in getattr(node, name).items()})
+             for name in ("mu", "nu")}
+  return {"losses": np.array(losses), **_mp_worker.flatten("params", params),
+          **_mp_worker.flatten("mu", decoded["mu"]), **_mp_worker.flatten("nu", decoded["nu"])}
