@@ -154,7 +154,7 @@ def init_state(fn: str, rule: _rule.Rule, params, mu_dtype=None, nu_dtype=None):
   """
   formats = moment_formats(rule, mu_dtype, nu_dtype)
   flat, treedef = jax.tree_util.tree_flatten_with_path(
-      params, is_leaf=lambda x: x is None or isinstance(x, Packed))
+      params, is_leaf=lambda x: x is None or isinstance(x, Packed) or _is_nnx_variable(x))
   moments = [[] for _ in rule.moment_names]
   for path, node in flat:
     if isinstance(node, Packed):
@@ -162,11 +162,24 @@ def init_state(fn: str, rule: _rule.Rule, params, mu_dtype=None, nu_dtype=None):
         m.append(Packed(node.layout, {
             k: _buffer_moment(fn, path, node.layout, k, v, fmt) for k, v in node.items()}))
       continue
+    wrapper = None
+    if _is_nnx_variable(node):
+      (node,), wrapper = jax.tree.flatten(node)
     if node is not None:
       V.check_params_leaf(fn, path, node)
     for m, fmt in zip(moments, formats):
-      m.append(None if node is None else _leaf_moment(fn, path, node, fmt))
+      moment = None if node is None else _leaf_moment(fn, path, node, fmt)
+      if wrapper is not None and not isinstance(moment, _quant.QArray):
+        moment = wrapper.unflatten([moment])
+      # A quantized moment is not put inside the param's Variable: nnx sets a
+      # Variable's value whole, and would turn the QArray into a dict.
+      m.append(moment)
   return state_class(rule)(jnp.zeros([], jnp.int32), *(treedef.unflatten(m) for m in moments))
+
+
+def _is_nnx_variable(x) -> bool:
+  """A Flax ``nnx.Variable`` (a pytree node wrapping one value)."""
+  return type(x).__module__.startswith("flax.nnx") and hasattr(x, "get_value")
 
 
 def _check_quantizable(fn: str, path, leaf) -> None:

@@ -463,3 +463,42 @@ def test_bad_formats_raise():
   layout = jadam.FlatLayout.from_tree({"w": jnp.ones(5000)}, pad_multiple=100)
   with pytest.raises(ValueError, match="not a multiple of the quantized moments' block size"):
     jadam.init(layout.pack({"w": jnp.ones(5000)}), mu_dtype="q8")
+
+
+def test_flax_nnx_optimizer_and_train_state():
+  from flax import nnx
+  from flax.training import train_state
+
+  x = jax.random.normal(jax.random.key(0), (16, 64))
+  y = jnp.sin(x[:, :4])
+  tx = jadam.adamw(1e-2, weight_decay=0.01, mu_dtype="q8", nu_dtype="q4")
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(64, 128, rngs=rngs)
+      self.l2 = nnx.Linear(128, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jax.nn.relu(self.l1(x)))
+
+  model = Model(nnx.Rngs(0))
+  graphdef, params0 = nnx.split(model, nnx.Param)
+  params0 = nnx.as_pure(params0)
+  loss = lambda m: jnp.mean((m(x) - y) ** 2)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def nnx_step(model, optimizer):
+    optimizer.update(model, nnx.grad(loss)(model))
+
+  for _ in range(3):
+    nnx_step(model, optimizer)
+  assert isinstance(nnx.as_pure(optimizer.opt_state)[0].mu["l1"]["kernel"], jadam.QArray)
+
+  # The same steps on the pure params (what nnx.Optimizer hands the optimizer).
+  pure_loss = lambda p: loss(nnx.merge(graphdef, p))
+  state = train_state.TrainState.create(apply_fn=None, params=params0, tx=tx)
+  for _ in range(3):
+    state = jax.jit(lambda s: s.apply_gradients(grads=jax.grad(pure_loss)(s.params)))(state)
+  chex.assert_trees_all_close(nnx.as_pure(nnx.state(model, nnx.Param)), state.params,
+                              rtol=1e-6, atol=1e-7)
