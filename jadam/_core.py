@@ -206,7 +206,10 @@ def _buffer_moment(fn: str, path, layout, key: str, buf, fmt):
   _check_quantizable(fn, path, buf)
   flat = getattr(layout, "flat", layout)
   b = flat.buffer(key)
-  if b.size < fmt.min_quantized_size:
+  # Quantized when every leaf in it is large enough (packings for quantized
+  # moments put the small leaves in buffers of their own).
+  sizes = [flat.segments[i].size for i in b.leaves if flat.segments[i].size]
+  if not sizes or min(sizes) < fmt.min_quantized_size:
     return _zeros(buf, np.dtype(np.float32))
   # Rank-1 normalization reads one leaf's N-d shape: a FlatLayout buffer of
   # one leaf. Buffers shared by leaves, or split over devices, use blocks.

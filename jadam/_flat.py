@@ -66,7 +66,7 @@ def init_flat_state(fn: str, spec: _core.OptimizerSpec, params):
     if leaf is not None:
       V.check_params_leaf(fn, path, leaf)
   mesh = _params_mesh(params)
-  max_packed, block = quantized_packing(spec)
+  max_packed, block, _ = quantized_packing(spec)
   if mesh is None:
     layout = FlatLayout.from_tree(params, max_packed_leaf=max_packed)
     template = layout.shape_dtypes()
@@ -82,21 +82,25 @@ def init_flat_state(fn: str, spec: _core.OptimizerSpec, params):
   return _core.init_state(fn, spec.rule, template, spec.mu_dtype, spec.nu_dtype)
 
 
-def quantized_packing(spec: _core.OptimizerSpec) -> tuple[int, int]:
-  """``(max_packed_leaf, block)`` of the state's layout.
+def quantized_packing(spec: _core.OptimizerSpec) -> tuple[int, int, int | None]:
+  """``(max_packed_leaf, block, small_leaf)`` for packing with ``spec``'s moments.
 
-  With quantized moments every leaf of at least ``min_quantized_size``
-  elements gets a buffer of its own, quantized exactly as the tree layout
-  quantizes that leaf (same blocks; rank-1 over its shape), so the two
-  layouts agree; smaller leaves share float32-moment buffers. ``block`` is
-  the largest block size (buffers split over devices split whole blocks).
+  With quantized moments the ``layout="flat"`` state gives every leaf of at
+  least ``min_quantized_size`` elements a buffer of its own (``max_packed_leaf``),
+  quantized exactly as the tree layout quantizes that leaf (same blocks;
+  rank-1 over its shape), so the two layouts agree; smaller leaves share
+  float32-moment buffers. Packings shared by leaves (ZeRO, the trainer's
+  ``layout="flat"``) put the small leaves in a buffer of their own
+  (``small_leaf``), which keeps float32 moments. ``block`` is the largest
+  block size: buffers split over devices split whole blocks.
   """
   formats = [f for f in _core.moment_formats(spec.rule, spec.mu_dtype, spec.nu_dtype)
              if isinstance(f, _quant.Quantized)]
   if not formats:
-    return MAX_PACKED_LEAF, 1
+    return MAX_PACKED_LEAF, 1, None
   smallest = min(f.min_quantized_size for f in formats)
-  return max(0, min(MAX_PACKED_LEAF, smallest - 1)), max(f.block_size for f in formats)
+  return (max(0, min(MAX_PACKED_LEAF, smallest - 1)), max(f.block_size for f in formats),
+          smallest)
 
 
 def _params_mesh(params):

@@ -127,7 +127,8 @@ class FlatLayout:
 
   @classmethod
   def from_tree(cls, tree, *, pad_multiple: int = PAD_MULTIPLE,
-                max_packed_leaf: int | None = None) -> FlatLayout:
+                max_packed_leaf: int | None = None,
+                small_leaf: int | None = None) -> FlatLayout:
     """The layout of ``tree``.
 
     Args:
@@ -143,13 +144,18 @@ class FlatLayout:
         share their dtype's buffer. The ``layout="flat"`` optimizers use
         this: on CPU, copying a large leaf in and out of a shared buffer
         costs more than its own kernel does.
+      small_leaf: ``None`` (default), or an integer: leaves with fewer
+        elements share a buffer of their own per dtype (key
+        ``"<dtype>.small"``). Quantized moments use this: small leaves keep
+        float32 moments, the other buffers are quantized.
 
     Returns:
       The layout. Equal trees (structure, shapes, dtypes) and arguments give
       the same (cached) layout object.
     """
     for name, value, allow_none in (("pad_multiple", pad_multiple, False),
-                                    ("max_packed_leaf", max_packed_leaf, True)):
+                                    ("max_packed_leaf", max_packed_leaf, True),
+                                    ("small_leaf", small_leaf, True)):
       if value is None and allow_none:
         continue
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (
@@ -165,8 +171,9 @@ class FlatLayout:
         for _, leaf in flat
     )
     return _layout_from_specs(
-        treedef, specs, int(pad_multiple), None if max_packed_leaf is None else int(max_packed_leaf)
-    )
+        treedef, specs, int(pad_multiple),
+        None if max_packed_leaf is None else int(max_packed_leaf),
+        None if small_leaf is None else int(small_leaf))
 
   def __post_init__(self):
     object.__setattr__(
@@ -416,14 +423,18 @@ def _with_treedef(layout: FlatLayout, treedef) -> FlatLayout:
 
 
 @functools.lru_cache(maxsize=256)
-def _layout_from_specs(treedef, specs, pad_multiple, max_packed_leaf) -> FlatLayout:
+def _layout_from_specs(treedef, specs, pad_multiple, max_packed_leaf,
+                       small_leaf=None) -> FlatLayout:
   groups: dict[str, list[int]] = {}
   dtypes: dict[str, np.dtype] = {}
   for i, spec in enumerate(specs):
     if spec is None:
       continue
     k = _key(spec[1])
-    if max_packed_leaf is not None and math.prod(spec[0]) > max_packed_leaf:
+    size = math.prod(spec[0])
+    if small_leaf is not None and size < small_leaf:
+      k = f"{k}.small"
+    elif max_packed_leaf is not None and size > max_packed_leaf:
       k = f"{k}.leaf{i}"
     groups.setdefault(k, []).append(i)
     dtypes[k] = np.dtype(spec[1])

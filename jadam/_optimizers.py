@@ -41,9 +41,16 @@ def scale_by_adam(
     b2: second-moment decay, in [0, 1).
     eps: added to the denominator outside the square root (>= 0).
     eps_root: added inside the square root (>= 0).
-    mu_dtype: dtype of the first moment (default: the params').
+    mu_dtype: dtype of the first moment (default: the params'), or a
+      quantized format (jadam extra): ``"q8"`` (8-bit codes in blocks of 256,
+      one float32 absmax per block, a dynamic code map), ``"q4"`` (4-bit,
+      blocks of 128) or a :class:`jadam.Quantized`. Leaves under
+      ``min_quantized_size`` (4096) elements keep float32 moments; the state
+      holds a :class:`jadam.QArray` (codes and scales) for the others.
     nesterov: use Nesterov momentum.
-    nu_dtype: dtype of the second moment (jadam extra).
+    nu_dtype: dtype of the second moment (jadam extra), or a quantized
+      format: ``"q8"``, or ``"q4"`` (4-bit, rank-1 normalized over a
+      matrix's rows and columns, a linear map without zero).
     layout: ``"tree"`` (optax's state layout) or ``"flat"`` (packed state).
 
   Returns:

@@ -114,12 +114,12 @@ def _state_bytes(state, n: int, mu_dtype=None, nu_dtype=None) -> int:
   return total
 
 
-def _zero_slices(tree, n: int, block: int) -> Packed:
+def _zero_slices(tree, n: int, block: int, small_leaf) -> Packed:
   """ZeRO's packed slices of ``tree`` on ``n`` devices (replicated params), as
   ``jax.ShapeDtypeStruct``: what its optimizer state is made for."""
   # Imported here: jadam.parallel builds on the core.
   from .parallel._zero_layout import replicated_zero_layout  # pylint: disable=import-outside-toplevel
-  layout = replicated_zero_layout(tree, n, block)
+  layout = replicated_zero_layout(tree, n, block, small_leaf)
   return Packed(layout, {b.key: jax.ShapeDtypeStruct((b.length,), b.dtype)
                          for b in layout.flat.buffers})
 
@@ -236,16 +236,17 @@ def memory_plan(
         "optax.clip_by_global_norm (ZeRO applies a jadam rule to flat slices), "
         f"got {optimizer!r}")
   spec = parts.jadam[0] if optimizer is not None else None
-  block = 1 if spec is None else _flat.quantized_packing(spec)[1]
+  _, block, small_leaf = (1, 1, None) if spec is None else _flat.quantized_packing(spec)
   layout = FlatLayout.from_tree(
-      tree, pad_multiple=math.lcm(sharded_pad_multiple(n), block * n))
+      tree, pad_multiple=math.lcm(sharded_pad_multiple(n), block * n), small_leaf=small_leaf)
   if optimizer is None:
     opt_state = adam_bytes([(b.length, b.dtype) for b in layout.buffers], n)
   else:
     # The optimizer's own state for ZeRO's packed slices: packed arrays are
     # split over the devices, the rest (counts, scalars) replicated.
-    opt_state = _state_bytes(jax.eval_shape(optimizer.init, _zero_slices(tree, n, block)),
-                             n, mu_dtype, nu_dtype)
+    opt_state = _state_bytes(
+        jax.eval_shape(optimizer.init, _zero_slices(tree, n, block, small_leaf)),
+        n, mu_dtype, nu_dtype)
   if strategy == "zero1":
     grads = sum(math.prod(s) * grad_dtype(dt).itemsize for s, dt in leaves)
   else:

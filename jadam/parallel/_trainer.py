@@ -15,6 +15,8 @@ from . import _strategies  # noqa: F401  (registers the built-in strategies)
 from ._common import PyTree
 from ._common import StepConfig
 from ._common import get_strategy
+from .. import _compose
+from .. import _flat
 from .._layout import FlatLayout
 from .._packed import Packed
 
@@ -215,9 +217,15 @@ class DataParallel:
       :class:`jadam.FlatLayout` (``params.layout``).
     """
     if self._layout == "flat":
-      params = FlatLayout.from_tree(params).pack(params)
+      params = self._flat_layout(params).pack(params)
     self._params_template = _shape_dtypes(params)
     return self._strategy.init(params)
+
+  def _flat_layout(self, params) -> FlatLayout:
+    # Quantized moments: small leaves in a float32-moment buffer of their own.
+    spec = _compose.jadam_spec(self._config.optimizer)
+    small_leaf = None if spec is None else _flat.quantized_packing(spec)[2]
+    return FlatLayout.from_tree(params, small_leaf=small_leaf)
 
   @property
   def params_template(self) -> PyTree | None:
@@ -248,7 +256,7 @@ class DataParallel:
             "`DataParallel.abstract_state()` needs `params` (arrays or "
             "jax.ShapeDtypeStruct) until `init` has been called")
     if self._layout == "flat" and not isinstance(params, Packed):
-      params = FlatLayout.from_tree(params).shape_dtypes()  # as init packs them
+      params = self._flat_layout(params).shape_dtypes()  # as init packs them
     return _abstract_state(self._strategy, _shape_dtypes(params))
 
   def step(self, params: PyTree, opt_state: PyTree, batch: PyTree):

@@ -128,7 +128,7 @@ class ZeroStrategy(Strategy):
   def layout_for(self, params, fn: str = "DataParallel.init") -> ZeroLayout:
     """The sharded flat layout of ``params`` (a pure query)."""
     return zero_layout(params, self.mesh, self.config.axis_name, fn,
-                       block=quantized_block(self.config.optimizer))
+                       *quantized_packing(self.config.optimizer))
 
   def param_sharding(self, spec: P) -> NamedSharding:
     return NamedSharding(self.mesh, spec)
@@ -280,11 +280,12 @@ class ZeroStrategy(Strategy):
     return params, opt_state, loss, aux
 
 
-def quantized_block(optimizer) -> int:
-  """The largest block size of the jadam optimizer's quantized moments (1:
-  none): ZeRO's slices must hold whole blocks."""
+def quantized_packing(optimizer) -> tuple[int, int | None]:
+  """``(block, small_leaf)`` of the jadam optimizer's quantized moments
+  (``(1, None)``: none): ZeRO's slices hold whole blocks, small leaves get
+  a float32-moment buffer of their own."""
   spec = _compose.jadam_spec(optimizer)
-  return 1 if spec is None else _flat.quantized_packing(spec)[1]
+  return (1, None) if spec is None else _flat.quantized_packing(spec)[1:]
 
 
 def _state_layout(opt_state) -> ZeroLayout:

@@ -135,7 +135,8 @@ class ZeroLayout:
 
 
 @functools.lru_cache(maxsize=64)
-def _make_layout(treedef, leaves, axis_name, num_shards, other_axes, other_sizes, quant_block=1):
+def _make_layout(treedef, leaves, axis_name, num_shards, other_axes, other_sizes,
+                 quant_block=1, small_leaf=None):
   local, specs, shapes = [], [], []
   sizes = dict(zip(other_axes, other_sizes))
   for leaf in leaves:
@@ -157,7 +158,8 @@ def _make_layout(treedef, leaves, axis_name, num_shards, other_axes, other_sizes
   # Quantized moments: every slice holds whole blocks of ``quant_block``.
   flat = FlatLayout.from_tree(
       treedef.unflatten(local),
-      pad_multiple=math.lcm(sharded_pad_multiple(num_shards), quant_block * num_shards))
+      pad_multiple=math.lcm(sharded_pad_multiple(num_shards), quant_block * num_shards),
+      small_leaf=small_leaf)
   return ZeroLayout(flat, tuple(specs), tuple(shapes), axis_name, num_shards,
                     other_axes, other_sizes)
 
@@ -201,11 +203,13 @@ def _param_spec(fn: str, path, x, mesh: Mesh, axis_name: str) -> P:
 
 
 def zero_layout(params: PyTree, mesh: Mesh, axis_name: str,
-                fn: str = "DataParallel.init", block: int = 1) -> ZeroLayout:
+                fn: str = "DataParallel.init", block: int = 1,
+                small_leaf: int | None = None) -> ZeroLayout:
   """The sharded flat layout of ``params`` (arrays or ``ShapeDtypeStruct``) on
   ``mesh``; a leaf's ``NamedSharding`` over the non-data axes is kept.
-  ``block``: the quantized moments' largest block size (1: none), so that
-  each device's slice holds whole blocks."""
+  Quantized moments: ``block`` is their largest block size (each device's
+  slice holds whole blocks), and leaves under ``small_leaf`` elements share
+  a buffer of their own (float32 moments)."""
   flat, treedef = V.flatten_with_none(params)
   leaves = []
   for path, x in flat:
@@ -217,16 +221,17 @@ def zero_layout(params: PyTree, mesh: Mesh, axis_name: str,
                    _param_spec(fn, path, x, mesh, axis_name)))
   other = tuple(a for a in mesh.axis_names if a != axis_name)
   return _make_layout(treedef, tuple(leaves), axis_name, mesh.shape[axis_name],
-                      other, tuple(mesh.shape[a] for a in other), int(block))
+                      other, tuple(mesh.shape[a] for a in other), int(block), small_leaf)
 
 
-def replicated_zero_layout(tree: PyTree, num_shards: int, block: int = 1) -> ZeroLayout:
+def replicated_zero_layout(tree: PyTree, num_shards: int, block: int = 1,
+                           small_leaf: int | None = None) -> ZeroLayout:
   """The layout :func:`zero_layout` gives replicated ``tree`` (shapes and
   dtypes only) on ``num_shards`` devices of a one-axis mesh (no mesh needed)."""
   flat, treedef = V.flatten_with_none(tree)
   leaves = tuple(None if x is None else (tuple(np.shape(x)), V.dtype_of(x), P())
                  for _, x in flat)
-  return _make_layout(treedef, leaves, "data", int(num_shards), (), (), int(block))
+  return _make_layout(treedef, leaves, "data", int(num_shards), (), (), int(block), small_leaf)
 
 
 def unpack_host(layout: ZeroLayout, mesh: Mesh, buffers) -> PyTree:
