@@ -27,12 +27,13 @@ the step's one jitted computation; the rule itself never sees codes.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from . import _codes
 
 NAMES = ("q8", "q4")
 CODES = ("dynamic", "linear")
@@ -89,7 +90,7 @@ class Quantized:
   @property
   def table(self) -> np.ndarray:
     """The sorted code map (``2 ** bits`` float32 values in [-1, 1] or [0, 1])."""
-    return code_map(self.bits, self.code, bool(self.signed))
+    return _codes.code_map(self.bits, self.code, bool(self.signed))
 
   def bytes_per_element(self) -> float:
     return self.bits / 8
@@ -130,121 +131,6 @@ def for_moment(value, moment: str):
 
 def is_quantized(value) -> bool:
   return isinstance(value, Quantized) or (isinstance(value, str) and value in NAMES)
-
-
-# ----------------------------------------------------------------- code maps
-
-
-@functools.lru_cache(maxsize=None)
-def code_map(bits: int, code: str, signed: bool) -> np.ndarray:
-  """The sorted table of ``2 ** bits`` values that codes index.
-
-  ``dynamic``: zero, one, and for each decade ``10**-k`` (``k`` from
-  ``bits - 2`` down to 0) linear fraction levels at the midpoints of an even
-  split of [0.1, 1]; each decade has twice the levels of the one below it
-  (twice again when unsigned: no sign bit), mirrored for negative values.
-  ``linear``: evenly spaced over [-1, 1] (signed) or ``(i + 1) / 2**bits``
-  (unsigned: no zero).
-  """
-  n = 1 << bits
-  if code == "linear":
-    table = np.linspace(-1.0, 1.0, n) if signed else np.arange(1, n + 1) / n
-    return np.asarray(table, np.float32)
-  levels, scales, _ = _dynamic_parts(bits, signed)
-  positive = np.concatenate([
-      s * (0.1 + (np.arange(k) + 0.5) * 0.9 / k) for k, s in zip(levels, scales)])
-  values = np.concatenate([-positive, positive]) if signed else positive
-  table = np.sort(np.concatenate([values, [0.0, 1.0]]))
-  assert table.size == n, (bits, code, signed, table.size)
-  return table.astype(np.float32)
-
-
-def max_error(table: np.ndarray, signed: bool) -> float:
-  """The largest ``|x - decode(encode(x))|`` over normalized ``x`` (in
-  [-1, 1] or [0, 1]) with round-to-nearest: half the widest gap between
-  neighbouring codes, or the distance from an end of the range to the
-  nearest code."""
-  t = np.asarray(table, np.float64)
-  low = -1.0 if signed else 0.0
-  return float(max(np.max(np.diff(t)) / 2, t[0] - low, 1.0 - t[-1]))
-
-
-def _nearest(x: jax.Array, fmt: Quantized) -> jax.Array:
-  """Index (uint8) of the code nearest to each normalized value.
-
-  Closed form, element-wise with constants only (a search of the table
-  costs a gather per bit; this fuses into the update's one pass): the
-  linear maps round an affine function; the dynamic map first picks the
-  decade (comparing with the midpoints between decades), then rounds
-  within it (its levels are evenly spaced there).
-  """
-  n = 1 << fmt.bits
-  signed = bool(fmt.signed)
-  if fmt.code == "linear":
-    if signed:
-      idx = jnp.round((x + 1) * ((n - 1) / 2))
-    else:
-      idx = jnp.round(x * n) - 1
-    return jnp.clip(idx, 0, n - 1).astype(jnp.uint8)
-  levels, scales, thresholds = _dynamic_parts(fmt.bits, signed)
-  a = jnp.abs(x)
-  group = sum((a > t).astype(jnp.int32) for t in thresholds)  # 0: zero, E + 1: one
-  decades = len(levels)
-  d = jnp.clip(group - 1, 0, decades - 1)
-  scale = _select(d, scales)
-  count = _select(d, [float(c) for c in levels])
-  j = jnp.clip(jnp.round((a / scale - 0.1) * (count / 0.9) - 0.5), 0, count - 1)
-  offset = _select(d, [float(o) for o in np.cumsum([0] + list(levels[:-1]))])
-  total = sum(levels)
-  rank = jnp.where(group == 0, 0.0, 1.0 + offset + j)
-  if not signed:
-    return jnp.where(group > decades, total + 1.0, rank).astype(jnp.uint8)
-  # Signed: [-largest .. -smallest, 0, smallest .. largest, 1]; no -1.
-  positive = jnp.where(group > decades, total + 1.0, rank)
-  negative = jnp.minimum(rank, total)
-  return jnp.where(x >= 0, total + positive, total - negative).astype(jnp.uint8)
-
-
-def _select(index: jax.Array, values) -> jax.Array:
-  """``values[index]`` for a short list of Python constants, without a gather."""
-  out = jnp.full(index.shape, values[0], jnp.float32)
-  for i, v in enumerate(values[1:], 1):
-    out = jnp.where(index == i, jnp.float32(v), out)
-  return out
-
-
-@functools.lru_cache(maxsize=None)
-def _dynamic_parts(bits: int, signed: bool):
-  """The dynamic map's decades: levels per decade, each decade's scale, and
-  the thresholds between zero, the decades and one (midpoints between the
-  neighbouring codes)."""
-  decades = bits - 1
-  levels = tuple((1 << i) if signed else (2 << i) for i in range(decades))
-  scales = tuple(10.0 ** (i - (decades - 1)) for i in range(decades))
-
-  def value(i, j):
-    return scales[i] * (0.1 + (j + 0.5) * 0.9 / levels[i])
-
-  thresholds = [value(0, 0) / 2]
-  for i in range(decades - 1):
-    thresholds.append((value(i, levels[i] - 1) + value(i + 1, 0)) / 2)
-  thresholds.append((value(decades - 1, levels[-1] - 1) + 1.0) / 2)
-  return levels, scales, tuple(float(np.float32(t)) for t in thresholds)
-
-
-def _pack(idx: jax.Array, bits: int) -> jax.Array:
-  """Codes (uint8, last axis of even length for 4 bits) as stored bytes."""
-  if bits == 8:
-    return idx
-  pairs = idx.reshape(*idx.shape[:-1], idx.shape[-1] // 2, 2)
-  return (pairs[..., 0] << 4) | pairs[..., 1]
-
-
-def _unpack(codes: jax.Array, bits: int) -> jax.Array:
-  if bits == 8:
-    return codes
-  both = jnp.stack([codes >> 4, codes & 15], axis=-1)
-  return both.reshape(*codes.shape[:-1], codes.shape[-1] * 2)
 
 
 # ------------------------------------------------------------ quantized arrays
@@ -365,11 +251,6 @@ def _num_devices(sharding) -> int:
   return len(getattr(sharding, "device_set", ())) or 1
 
 
-def abstract(fmt: Quantized, shape, *, buffer: bool = False, view=None) -> QArray:
-  """:func:`zeros` as ``jax.ShapeDtypeStruct`` s (nothing allocated)."""
-  return jax.eval_shape(lambda: zeros(fmt, shape, buffer=buffer, view=view))
-
-
 def as_arrays(tree):
   """``tree`` with each :class:`QArray` as a ``jax.ShapeDtypeStruct`` of its
   decoded shape (float32): for comparing a state's structure with grads."""
@@ -392,7 +273,7 @@ def decode(m):
     return m
   fmt = m.fmt
   table = jnp.asarray(fmt.table)
-  idx = _unpack(m.codes, fmt.bits).astype(jnp.int32)
+  idx = _codes.unpack(m.codes, fmt.bits).astype(jnp.int32)
   if m.rank1:
     n = math.prod(m.view)
     norm = _rank1_norm(m.scales)
@@ -427,7 +308,7 @@ def encode(x: jax.Array, fmt: Quantized, shape, view=None) -> QArray:
     total = math.prod(shape)
     per_byte = 8 // fmt.bits
     xn = jnp.pad(xn, (0, -(-total // per_byte) * per_byte - n))
-    return QArray(_pack(_nearest(xn, fmt), fmt.bits), scales, fmt, shape, view)
+    return QArray(_codes.pack(_codes.nearest(xn, fmt.bits, fmt.code, bool(fmt.signed)), fmt.bits), scales, fmt, shape, view)
   b = fmt.block_size
   if shape is None:
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // b, b)
@@ -438,7 +319,7 @@ def encode(x: jax.Array, fmt: Quantized, shape, view=None) -> QArray:
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
   safe = jnp.where(absmax > 0, absmax, 1)[..., None]
   xn = jnp.where(absmax[..., None] > 0, blocks / safe, 0)
-  return QArray(_pack(_nearest(xn, fmt), fmt.bits), (absmax,), fmt, shape)
+  return QArray(_codes.pack(_codes.nearest(xn, fmt.bits, fmt.code, bool(fmt.signed)), fmt.bits), (absmax,), fmt, shape)
 
 
 def _rank1_stats(a: jax.Array) -> tuple[jax.Array, ...]:

@@ -8,8 +8,6 @@ memory_plan and bad input."""
 
 from __future__ import annotations
 
-import math
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -20,6 +18,7 @@ import pytest
 import jadam
 import jadam.checkpoint
 import jadam.parallel
+from jadam import _codes
 from jadam import _quant as Q
 from _trees import adam_node
 
@@ -42,7 +41,7 @@ def nbytes(tree) -> int:
     (8, "dynamic", True), (8, "dynamic", False), (4, "dynamic", True),
     (4, "dynamic", False), (8, "linear", True), (4, "linear", False)])
 def test_code_maps(bits, code, signed):
-  t = Q.code_map(bits, code, signed).astype(np.float64)
+  t = _codes.code_map(bits, code, signed).astype(np.float64)
   assert t.size == 2 ** bits and np.all(np.diff(t) > 0)
   assert t[-1] == 1.0 and t[0] >= (-1.0 if signed else 0.0)
   if code == "dynamic":
@@ -53,6 +52,27 @@ def test_code_maps(bits, code, signed):
   if code == "linear" and not signed:
     # nu's 4-bit map leaves out zero: 1/sqrt(nu) stays finite.
     np.testing.assert_array_equal(t, np.arange(1, 2 ** bits + 1) / 2 ** bits)
+
+
+@pytest.mark.parametrize("bits,code,signed", [
+    (8, "dynamic", True), (8, "dynamic", False), (4, "dynamic", True),
+    (4, "dynamic", False), (8, "linear", True), (4, "linear", False)])
+def test_nearest_code_is_the_nearest(bits, code, signed):
+  # The closed-form rounding against a brute-force search of the table, on
+  # random values, the codes themselves and both sides of every midpoint.
+  t = _codes.code_map(bits, code, signed).astype(np.float64)
+  rng = np.random.default_rng(bits)
+  low = -1.0 if signed else 0.0
+  mids = (t[1:] + t[:-1]) / 2
+  x = np.concatenate([rng.uniform(low, 1, 20000), rng.uniform(0, 1, 5000) ** 8, t,
+                      mids * (1 + 1e-5), mids * (1 - 1e-5), [low, 0.0, 1.0]])
+  if signed:
+    x = np.concatenate([x, -rng.uniform(0, 1, 5000) ** 8])
+  x = x.astype(np.float32)
+  idx = np.asarray(_codes.nearest(jnp.asarray(x), bits, code, signed)).astype(int)
+  dist = np.abs(x.astype(np.float64)[:, None] - t[None])
+  # float32 x / norm may round a hair past a midpoint: 2e-7 of slack.
+  assert np.all(dist[np.arange(x.size), idx] <= dist.min(axis=1) + 2e-7)
 
 
 def reference_roundtrip(x: np.ndarray, fmt: Q.Quantized, rank1: bool):
@@ -109,7 +129,7 @@ def test_roundtrip_within_the_maps_error_bound(name, moment, kind, shape):
   got_n = np.where(norm > 0, got / np.where(norm > 0, norm, 1), 0)
   assert np.all(np.abs(got_n - xn) <= np.abs(best - xn) + 1e-6)
   # The map's error bound, in units of each element's normalizer.
-  bound = Q.max_error(fmt.table, fmt.signed)
+  bound = _codes.max_error(fmt.table, fmt.signed)
   assert np.all(np.abs(got - x) <= (bound + 1e-6) * norm + 1e-30)
   # Zero blocks (and zero normalizers) decode to exactly zero.
   np.testing.assert_array_equal(got[norm == 0], 0.0)
@@ -122,9 +142,9 @@ def test_roundtrip_within_the_maps_error_bound(name, moment, kind, shape):
 
 def test_four_bit_codes_pack_two_per_byte():
   idx = jnp.arange(32, dtype=jnp.uint8) % 16
-  packed = Q._pack(idx, 4)
+  packed = _codes.pack(idx, 4)
   assert packed.shape == (16,) and packed.dtype == jnp.uint8
-  chex.assert_trees_all_equal(Q._unpack(packed, 4), idx)
+  chex.assert_trees_all_equal(_codes.unpack(packed, 4), idx)
 
 
 # ------------------------------------------------------------- bytes per param
