@@ -9,6 +9,7 @@ accuracy and the wall time.
   python examples/train_digits.py                     # all local devices
   python examples/train_digits.py --fake-devices 8    # 8 fake CPU devices
   python examples/train_digits.py --optimizer optax   # optax.adamw instead
+  python examples/train_digits.py --mu-dtype q8 --nu-dtype q8  # 8-bit moments
   python examples/train_digits.py --plot docs/digits_loss.png  # curves
 """
 
@@ -19,6 +20,11 @@ import os
 import re
 import sys
 import time
+
+# Moment formats: float dtypes, or jadam's quantized moments ("q8": 8-bit
+# block-wise, "q4": 4-bit), passed to the optimizer as they are.
+DTYPES = ("float32", "bfloat16", "q8", "q4")
+QUANTIZED = ("q8", "q4")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,6 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "zero1, zero2 (jadam.parallel.available_strategies())")
   parser.add_argument("--layout", default="tree", choices=("tree", "flat"),
                       help="jadam's optimizer-state layout")
+  parser.add_argument("--mu-dtype", default=None, choices=DTYPES,
+                      help="format of Adam's first moment: a dtype, or q8/q4 "
+                      "quantized (jadam only; default: params' dtype)")
+  parser.add_argument("--nu-dtype", default=None, choices=DTYPES,
+                      help="format of Adam's second moment: a dtype, or q8/q4 "
+                      "quantized (jadam only; default: params' dtype)")
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--batch-size", type=int, default=128,
                       help="global batch size; must divide by the devices")
@@ -46,7 +58,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="run on this many fake CPU devices")
   parser.add_argument("--plot", default=None, metavar="PNG",
                       help="save the loss and test-accuracy curves here")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.optimizer == "optax":
+    # optax.adamw has a mu_dtype, but neither a nu_dtype nor quantized moments.
+    if args.mu_dtype in QUANTIZED:
+      parser.error(f"--mu-dtype {args.mu_dtype}: quantized moments are "
+                   "jadam's; optax.adamw has none (use --optimizer jadam)")
+    if args.nu_dtype is not None:
+      parser.error("--nu-dtype: optax.adamw keeps nu in the params' dtype "
+                   "(use --optimizer jadam)")
+  return args
 
 
 def main(argv=None) -> int:
@@ -107,12 +128,20 @@ def main(argv=None) -> int:
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss.mean(), {"accuracy": accuracy}
 
+  def moment_format(name):
+    """A dtype, or a quantized format's name ("q8", "q4") as it is."""
+    if name is None or name in QUANTIZED:
+      return name
+    return jnp.dtype(name)
+
   schedule = optax.cosine_decay_schedule(args.learning_rate, args.steps)
   if args.optimizer == "jadam":
     tx = jadam.adamw(schedule, weight_decay=args.weight_decay,
-                     layout=args.layout)
+                     mu_dtype=moment_format(args.mu_dtype),
+                     nu_dtype=moment_format(args.nu_dtype), layout=args.layout)
   else:
-    tx = optax.adamw(schedule, weight_decay=args.weight_decay)
+    tx = optax.adamw(schedule, weight_decay=args.weight_decay,
+                     mu_dtype=moment_format(args.mu_dtype))
 
   mesh = jax.make_mesh((n_devices,), ("data",))
   trainer = jadam.parallel.DataParallel(
@@ -129,16 +158,25 @@ def main(argv=None) -> int:
     loss, aux = loss_fn(params, (x_test, y_test))
     return loss, aux["accuracy"]
 
-  optimizer = "optax.adamw"
+  # Quantized moments are jadam.QArray leaves of the state (codes and
+  # scales); leaves under 4096 elements keep float32 moments.
+  quantized = sum(isinstance(x, jadam.QArray) for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, jadam.QArray)))
+  formats = args.mu_dtype is not None or args.nu_dtype is not None
+  moments = (f"mu {args.mu_dtype or 'float32'}, "
+             f"nu {args.nu_dtype or 'float32'}, " if formats else "")
+  optimizer = "optax.adamw" + (f" ({moments[:-2]})" if formats else "")
   if args.optimizer == "jadam":
-    optimizer = ("jadam.adamw (state sharded over the devices)"
+    optimizer = (f"jadam.adamw ({moments}state sharded over the devices)"
                  if args.strategy.startswith("zero")
-                 else f"jadam.adamw (layout={args.layout})")
+                 else f"jadam.adamw ({moments}layout={args.layout})")
   print(f"digits: {len(x_train)} train / {len(x_test)} test images (8x8), "
         f"MLP with {n_params:,} params", flush=True)
   print(f"{optimizer}, strategy {args.strategy} on {n_devices} "
         f"{jax.devices()[0].platform} device(s), global batch "
         f"{args.batch_size}, {args.steps} steps", flush=True)
+  if formats:
+    print(f"optimizer state: {quantized} quantized moments", flush=True)
 
   rng = np.random.default_rng(args.seed)
   losses, evals = [], []

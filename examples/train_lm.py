@@ -9,6 +9,7 @@ prints the training and validation loss as it goes, then samples text.
   python examples/train_lm.py                                  # all devices
   python examples/train_lm.py --fake-devices 8 --strategy zero1
   python examples/train_lm.py --mu-dtype bfloat16 --nu-dtype bfloat16
+  python examples/train_lm.py --mu-dtype q8 --nu-dtype q4      # quantized
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import sys
 import time
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "coriolanus.txt"
-DTYPES = ("float32", "bfloat16", "float16")
+# Moment formats: float dtypes, or jadam's quantized moments ("q8": 8-bit
+# block-wise, "q4": 4-bit), passed to the optimizer as they are.
+DTYPES = ("float32", "bfloat16", "float16", "q8", "q4")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,9 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="a DataParallel strategy: shard_map, jit, pmap, "
                       "zero1, zero2 (jadam.parallel.available_strategies())")
   parser.add_argument("--mu-dtype", default=None, choices=DTYPES,
-                      help="dtype of Adam's first moment (default: params')")
+                      help="format of Adam's first moment: a dtype, or q8/q4 "
+                      "quantized (default: params' dtype)")
   parser.add_argument("--nu-dtype", default=None, choices=DTYPES,
-                      help="dtype of Adam's second moment (default: params')")
+                      help="format of Adam's second moment: a dtype, or q8/q4 "
+                      "quantized (default: params' dtype)")
   parser.add_argument("--layout", default="tree", choices=("tree", "flat"),
                       help="jadam's optimizer-state layout")
   parser.add_argument("--steps", type=int, default=400)
@@ -139,16 +144,19 @@ def main(argv=None) -> int:
     return optax.softmax_cross_entropy_with_integer_labels(
         logits, targets).mean()
 
-  def as_dtype(name):
-    return None if name is None else jnp.dtype(name)
+  def moment_format(name):
+    """A dtype, or a quantized format's name ("q8", "q4") as it is."""
+    if name is None or name in ("q8", "q4"):
+      return name
+    return jnp.dtype(name)
 
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, args.learning_rate, min(100, args.steps // 10 + 1), args.steps)
   # A bare jadam optimizer (no optax.chain around it): the ZeRO strategies
   # apply its rule to each device's slice of the state themselves.
   tx = jadam.adamw(schedule, b2=0.99, weight_decay=args.weight_decay,
-                   mu_dtype=as_dtype(args.mu_dtype),
-                   nu_dtype=as_dtype(args.nu_dtype), layout=args.layout)
+                   mu_dtype=moment_format(args.mu_dtype),
+                   nu_dtype=moment_format(args.nu_dtype), layout=args.layout)
 
   mesh = jax.make_mesh((n_devices,), ("data",))
   trainer = jadam.parallel.DataParallel(loss_fn, tx, mesh,
@@ -164,6 +172,17 @@ def main(argv=None) -> int:
       0, len(val_ids) - args.seq_len - 1, size=64))
   val_loss = jax.jit(loss_fn)
 
+  # What the optimizer state holds on one device: its bytes (codes and
+  # scales for quantized moments) and how many moments are jadam.QArrays
+  # (leaves under 4096 elements keep float32 moments).
+  first_device = mesh.devices.flat[0]
+  state_bytes = sum(
+      shard.data.nbytes for x in jax.tree.leaves(opt_state)
+      for shard in getattr(x, "addressable_shards", ())
+      if shard.device == first_device)
+  quantized = sum(isinstance(x, jadam.QArray) for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, jadam.QArray)))
+
   moments = (f"mu {args.mu_dtype or 'float32'}, "
              f"nu {args.nu_dtype or 'float32'}")
   print(f"text: {len(text):,} characters, vocabulary {len(chars)}; "
@@ -174,6 +193,9 @@ def main(argv=None) -> int:
         f"{args.strategy} on {n_devices} {jax.devices()[0].platform} "
         f"device(s), global batch {args.batch_size} x {args.seq_len} "
         f"characters", flush=True)
+  print(f"optimizer state: {state_bytes:,} bytes on device 0 "
+        f"({state_bytes / n_params:.2f} B/param), {quantized} quantized "
+        f"moments", flush=True)
   print(f"step {0:5d}  uniform loss {math.log(len(chars)):.3f}", flush=True)
 
   losses = []
