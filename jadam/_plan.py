@@ -37,10 +37,11 @@ from ._core import moment_dtypes
 from ._layout import FlatLayout
 from ._layout import sharded_pad_multiple
 from ._packed import Packed
+from ._sharding import fsdp_spec
 
 PLAIN_STRATEGIES = ("plain", "shard_map", "jit", "pmap")
 ZERO_STRATEGIES = ("zero1", "zero2")
-STRATEGIES = PLAIN_STRATEGIES + ZERO_STRATEGIES
+STRATEGIES = PLAIN_STRATEGIES + ZERO_STRATEGIES + ("fsdp",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +115,29 @@ def _state_bytes(state, n: int, mu_dtype=None, nu_dtype=None) -> int:
   return total
 
 
+def _fsdp_bytes(shape, dtype, n: int) -> int:
+  """Bytes per device of an array of ``shape`` under ``strategy="fsdp"``."""
+  size = math.prod(shape) * _itemsize(dtype)
+  return size // n if any(a is not None for a in fsdp_spec(shape, n, "data")) else size
+
+
+def _with_moment_dtypes(state, mu_dtype, nu_dtype):
+  """``state`` (``ShapeDtypeStruct`` leaves) with its moments' dtypes replaced."""
+  def is_moments(x):
+    return hasattr(x, "_fields") and "mu" in x._fields
+
+  def fix(x):
+    if not is_moments(x):
+      return x
+    want = {"mu": mu_dtype, "nu": nu_dtype, "nu_max": nu_dtype}
+    return x._replace(**{
+        k: jax.tree.map(lambda s, dt=want[k]: jax.ShapeDtypeStruct(s.shape, dt or s.dtype),
+                        getattr(x, k))
+        for k in x._fields if k in want})
+
+  return jax.tree.map(fix, state, is_leaf=is_moments)
+
+
 def _zero_slices(tree, n: int, block: int, small_leaf) -> Packed:
   """ZeRO's packed slices of ``tree`` on ``n`` devices (replicated params), as
   ``jax.ShapeDtypeStruct``: what its optimizer state is made for."""
@@ -152,7 +176,8 @@ def memory_plan(
     params: a pytree of arrays or ``jax.ShapeDtypeStruct`` (only shapes and
       dtypes are read; nothing is allocated).
     strategy: ``"plain"`` (``"shard_map"``, ``"jit"`` and ``"pmap"`` are the
-      same), ``"zero1"`` or ``"zero2"``.
+      same), ``"zero1"``, ``"zero2"`` or ``"fsdp"`` (every array split along
+      a dimension ``n_devices`` divides, else replicated).
     n_devices: devices on the data axis.
     mu_dtype: dtype of the first moment (default: each param's), or a
       quantized format (``"q8"``, ``"q4"``, :class:`jadam.Quantized`): its
@@ -219,6 +244,21 @@ def memory_plan(
     return np.dtype(np.int32).itemsize + sum(
         size // share * _itemsize(m)
         for size, dt in sizes_dtypes for m in moment_dtypes(rule, dt, mu_dtype, nu_dtype))
+
+  if strategy == "fsdp":
+    # Every array split along a dimension the device count divides (else
+    # replicated): params, gradients and the optimizer's own state alike.
+    if optimizer is None:
+      from . import _optimizers  # pylint: disable=import-outside-toplevel
+      optimizer = _optimizers.adam(1e-3, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+      mu_dtype = nu_dtype = None
+    state = jax.eval_shape(optimizer.init, tree)
+    if mu_dtype is not None or nu_dtype is not None:
+      state = _with_moment_dtypes(state, mu_dtype, nu_dtype)
+    params_fsdp = sum(_fsdp_bytes(s, dt, n) for s, dt in leaves)
+    grads = sum(_fsdp_bytes(s, grad_dtype(dt), n) for s, dt in leaves)
+    opt_state = sum(_fsdp_bytes(x.shape, x.dtype, n) for x in jax.tree.leaves(state))
+    return MemoryPlan("fsdp", n, num_params, params_fsdp, grads, opt_state)
 
   if strategy in PLAIN_STRATEGIES:
     grads = sum(math.prod(s) * grad_dtype(dt).itemsize for s, dt in leaves)

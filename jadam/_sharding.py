@@ -37,3 +37,14 @@ def like_sharding(x, ref):
   sharding; otherwise ``x``."""
   sharding = explicit_sharding(ref)
   return x if sharding is None else jax.sharding.reshard(x, sharding)
+
+
+def fsdp_spec(shape, num_shards: int, axis_name: str) -> jax.sharding.PartitionSpec:
+  """How FSDP splits an array of ``shape`` over ``num_shards`` devices of
+  ``axis_name``: along its largest dimension that ``num_shards`` divides (the
+  first of equal ones), or not at all (``P()``) when none does."""
+  order = sorted(range(len(shape)), key=lambda d: (-shape[d], d))
+  for d in order:
+    if shape[d] >= num_shards and shape[d] % num_shards == 0:
+      return jax.sharding.PartitionSpec(*([None] * d + [axis_name]))
+  return jax.sharding.PartitionSpec()

@@ -1,5 +1,5 @@
-"""``python -m jadam.plan``: memory per device of plain data parallelism and
-ZeRO stages 1 and 2, from :func:`jadam.memory_plan`.
+"""``python -m jadam.plan``: memory per device of plain data parallelism,
+ZeRO stages 1 and 2 and FSDP, from :func:`jadam.memory_plan`.
 
 Examples::
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from ._plan import memory_plan
 
-STRATEGIES = ("plain", "zero1", "zero2")
+STRATEGIES = ("plain", "zero1", "zero2", "fsdp")
 
 
 def _tree(num_params: int, leaves: int, dtype) -> list:
@@ -127,7 +127,7 @@ def measure(num_params: int, devices, moments, accumulation_steps=(1, 4)) -> dic
   memory = []
   for moment in moments:
     mu, nu = _pair(moment)
-    for strategy in ("shard_map", "zero1", "zero2"):
+    for strategy in ("shard_map", "zero1", "zero2", "fsdp"):
       for n in devices:
         mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
         optimizer = jadam.adam(1e-3, mu_dtype=mu, nu_dtype=nu)
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m jadam.plan",
       description="Bytes per device of params, gradients and Adam state for "
-                  "plain data parallelism and ZeRO stages 1 and 2.")
+                  "plain data parallelism, ZeRO stages 1 and 2 and FSDP.")
   parser.add_argument("--params", type=float, default=1e9,
                       help="number of parameters (e.g. 7e9)")
   parser.add_argument("--leaves", type=int, default=1,

@@ -131,7 +131,7 @@ def single_device_reference():
           **_mp_worker.flatten("nu", optax.tree.get(opt_state, "nu"))}
 
 
-STRATEGIES = ("shard_map", "jit", "pmap")
+STRATEGIES = ("shard_map", "jit", "pmap", "fsdp")
 
 
 def assert_processes_match_reference(tmp_path, strategies) -> None:

@@ -1,6 +1,6 @@
 """Data-parallel training: one trainer over ``pmap``, ``shard_map``, ``jit``
-and ZeRO (``"zero1"``, ``"zero2"``: optimizer state sharded over the data
-axis), on one process or many (``jax.distributed``); :func:`comm_bytes`
+ZeRO (``"zero1"``, ``"zero2"``: optimizer state sharded over the data
+axis) and FSDP (``"fsdp"``: params, gradients and state sharded), on one process or many (``jax.distributed``); :func:`comm_bytes`
 reads the bytes a step sends from its compiled HLO.
 
 Usage::
@@ -19,6 +19,7 @@ from ._common import available_strategies as available_strategies
 from ._common import register_strategy as register_strategy
 from ._trainer import DataParallel as DataParallel
 from . import _zero  # noqa: F401  (registers the "zero1" and "zero2" strategies)
+from . import _fsdp  # noqa: F401  (registers the "fsdp" strategy)
 from ._comm import CommReport as CommReport
 from ._comm import comm_bytes as comm_bytes
 from ._comm import comm_report as comm_report
