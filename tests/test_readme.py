@@ -51,6 +51,7 @@ MARKERS = {
                       "params, opt_state = trainer.init(params)\n"),
     "multi-process": "jax.distributed.initialize(",
     "zero": 'strategy="zero1")',
+    "fsdp": 'strategy="fsdp")',
     "model parallel": 'mesh = jax.make_mesh((4, 2), ("data", "model"))',
     "memory plan": "plan = jadam.memory_plan(",
     "checkpoint": "ckpt = jadam.checkpoint.Checkpointer(",
@@ -394,6 +395,17 @@ def test_zero_block():
   ref_mu = one_device(optax.adamw(3e-4))[1][0].mu
   assert jax.tree.structure(namespace["mu"]) == jax.tree.structure(ref_mu)
   chex.assert_trees_all_close(namespace["mu"], ref_mu, rtol=RTOL, atol=ATOL)
+
+
+@needs_devices
+def test_fsdp_block():
+  namespace = run_block("fsdp", problem())
+  params, opt_state = namespace["params"], namespace["opt_state"]
+  assert_matches(namespace["trainer"], params, opt_state, optax.adamw(3e-4), "fsdp")
+  # "params, state: 1/N per device": w1 (3, 8) and b1 (8,) split in 8; w2
+  # (8, 1) too; nothing that 8 divides is replicated.
+  for leaf in jax.tree.leaves((params, opt_state[0].mu, opt_state[0].nu)):
+    assert leaf.addressable_shards[0].data.size * NUM_DEVICES == leaf.size
 
 
 @needs_devices
