@@ -1,10 +1,11 @@
 """Code maps of quantized moments: the sorted tables codes index, the
 nearest-code rounding, and 4-bit codes packed two per byte.
 
-* *dynamic* (Dettmers et al. 2022; the "DE" map of Li et al. 2023): zero,
-  one, and per decimal exponent (decade) evenly spaced fraction levels, twice
-  as many per decade as the one below (fine near zero, coarse near one),
-  mirrored for signed values;
+* *dynamic* (Dettmers et al. 2022; the "DE" map of Li et al. 2023): one,
+  and per decimal exponent (decade) evenly spaced fraction levels, twice as
+  many per decade as the one below (fine near zero, coarse near one),
+  mirrored for signed values (with zero); unsigned, no zero code but half
+  the smallest level;
 * *linear*: evenly spaced over [-1, 1], or ``(i + 1) / 2**bits`` for unsigned
   values (no zero code: ``1 / sqrt(nu)`` stays finite).
 """
@@ -22,12 +23,19 @@ import numpy as np
 def code_map(bits: int, code: str, signed: bool) -> np.ndarray:
   """The sorted table of ``2 ** bits`` values that codes index.
 
-  ``dynamic``: zero, one, and for each decade ``10**-k`` (``k`` from
-  ``bits - 2`` down to 0) linear fraction levels at the midpoints of an even
-  split of [0.1, 1]; each decade has twice the levels of the one below it
-  (twice again when unsigned: no sign bit), mirrored for negative values.
+  ``dynamic``: one, and for each decade ``10**-k`` (``k`` from ``bits - 2``
+  down to 0) linear fraction levels at the midpoints of an even split of
+  [0.1, 1]; each decade has twice the levels of the one below it (twice
+  again when unsigned: no sign bit). Signed: mirrored for negative values,
+  and zero. Unsigned: no zero, but half the smallest level.
   ``linear``: evenly spaced over [-1, 1] (signed) or ``(i + 1) / 2**bits``
   (unsigned: no zero).
+
+  Unsigned maps (``nu``) never hold zero (Li et al. 2023's zero-point
+  problem): an element whose ``nu`` rounds to zero in a block with a large
+  one would take a step ``mu / eps``, or with bias correction one that grows
+  like the square root of the step count. The smallest code keeps
+  ``1 / sqrt(nu)`` bounded by the block's scale.
   """
   n = 1 << bits
   if code == "linear":
@@ -36,8 +44,11 @@ def code_map(bits: int, code: str, signed: bool) -> np.ndarray:
   levels, scales, _ = _dynamic_parts(bits, signed)
   positive = np.concatenate([
       s * (0.1 + (np.arange(k) + 0.5) * 0.9 / k) for k, s in zip(levels, scales)])
-  values = np.concatenate([-positive, positive]) if signed else positive
-  table = np.sort(np.concatenate([values, [0.0, 1.0]]))
+  if signed:
+    values = np.concatenate([-positive, positive, [0.0]])
+  else:  # no zero: the lowest code is half the smallest level
+    values = np.concatenate([positive, [positive.min() / 2]])
+  table = np.sort(np.concatenate([values, [1.0]]))
   assert table.size == n, (bits, code, signed, table.size)
   return table.astype(np.float32)
 
@@ -107,7 +118,8 @@ def _dynamic_parts(bits: int, signed: bool):
   def value(i, j):
     return scales[i] * (0.1 + (j + 0.5) * 0.9 / levels[i])
 
-  thresholds = [value(0, 0) / 2]
+  # Below the smallest level: zero (signed) or half that level (unsigned).
+  thresholds = [value(0, 0) / 2 if signed else value(0, 0) * 0.75]
   for i in range(decades - 1):
     thresholds.append((value(i, levels[i] - 1) + value(i + 1, 0)) / 2)
   thresholds.append((value(decades - 1, levels[-1] - 1) + 1.0) / 2)

@@ -169,6 +169,14 @@ class QArray:
     return self.view is not None
 
   @property
+  def decoded_shape(self) -> tuple[int, ...]:
+    """The shape :func:`decode` returns."""
+    if self.shape is not None:
+      return self.shape
+    blocks = np.shape(self.codes)[:-1]
+    return (*blocks[:-1], blocks[-1] * self.fmt.block_size)
+
+  @property
   def dtype(self):
     """The dtype the moment decodes to (and the rule computes in)."""
     return np.dtype(np.float32)
@@ -255,7 +263,8 @@ def as_arrays(tree):
   """``tree`` with each :class:`QArray` as a ``jax.ShapeDtypeStruct`` of its
   decoded shape (float32): for comparing a state's structure with grads."""
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, np.float32) if isinstance(x, QArray) else x,
+      lambda x: jax.ShapeDtypeStruct(x.decoded_shape, np.float32)
+      if isinstance(x, QArray) else x,
       tree, is_leaf=lambda x: isinstance(x, QArray))
 
 

@@ -45,7 +45,7 @@ def test_code_maps(bits, code, signed):
   assert t.size == 2 ** bits and np.all(np.diff(t) > 0)
   assert t[-1] == 1.0 and t[0] >= (-1.0 if signed else 0.0)
   if code == "dynamic":
-    assert 0.0 in t
+    assert (0.0 in t) == signed  # nu's maps never hold zero
     # The dynamic map is fine near zero: its smallest non-zero magnitude is
     # 10^-(bits-2) of the block maximum times the first decade's midpoint.
     assert np.min(np.abs(t[t != 0])) < 10.0 ** -(bits - 2)
@@ -135,8 +135,8 @@ def test_roundtrip_within_the_maps_error_bound(name, moment, kind, shape):
   np.testing.assert_array_equal(got[norm == 0], 0.0)
   if kind == "zeros" and not rank1:
     np.testing.assert_array_equal(got.reshape(-1)[:512], 0.0)
-  if not fmt.signed and fmt.code == "linear":
-    # nu's zero-free map: no element of a non-zero block decodes to zero.
+  if not fmt.signed:
+    # nu's zero-free maps: no element of a non-zero block decodes to zero.
     assert np.all(got[norm > 0] > 0)
 
 
@@ -333,6 +333,18 @@ def dp_batches(n=4):
   return out
 
 
+def assert_close_up_to_code_flips(got, want, steps=4, lr=1e-2):
+  """Multi-device results against one device. The mean gradient differs in
+  float32 ulps (another summation order), so a moment on a rounding
+  boundary may take the neighbouring code: all but a few elements agree to
+  1e-5, and none moves by more than the steps' learning rate."""
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    g, w = np.asarray(g), np.asarray(w)
+    close = np.isclose(g, w, rtol=1e-5, atol=1e-6)
+    assert close.mean() >= 0.999, close.mean()
+    np.testing.assert_allclose(g, w, rtol=0, atol=steps * lr)
+
+
 def run_trainer(strategy, n=8, layout="tree", fmt=("q8", "q8"), steps=4, mesh=None):
   mesh = mesh or jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
   tx = jadam.adamw(1e-2, weight_decay=0.01, mu_dtype=fmt[0], nu_dtype=fmt[1])
@@ -360,7 +372,7 @@ def test_replicated_strategies_match_one_device(strategy, fmt):
   want = one_device(fmt, "tree")
   trainer, params, state = run_trainer(strategy, fmt=fmt)
   assert qarrays(state)
-  chex.assert_trees_all_close(trainer.gather(params), want, rtol=1e-5, atol=1e-6)
+  assert_close_up_to_code_flips(trainer.gather(params), want)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
@@ -381,8 +393,7 @@ def test_zero_matches_packed_flat_on_one_device(fmt):
     assert isinstance(mu, jadam.QArray) and small.dtype == jnp.float32
     # Every device holds whole blocks of 1/8 of the buffer.
     assert mu.codes.addressable_shards[0].data.shape[0] == mu.codes.shape[0] // 8
-    chex.assert_trees_all_close(trainer.gather(params), want, rtol=1e-5, atol=1e-6,
-                                custom_message=strategy)
+    assert_close_up_to_code_flips(trainer.gather(params), want)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
@@ -426,7 +437,7 @@ def test_two_dimensional_mesh_with_model_sharded_params():
       p, s, _ = trainer.step(p, s, batch)
     got = trainer.gather(p)
     if strategy == "jit":  # the tree state, each leaf quantized as on one device
-      chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+      assert_close_up_to_code_flips(got, want)
       continue
     # ZeRO quantizes each model shard's slice of the buffer in its own
     # blocks: not the one-device blocks, so compare the distance from

@@ -15,10 +15,21 @@ Method (the same for every case and implementation):
 * A reference in-place read+write of one large float32 buffer (a donated
   ``-x``) is interleaved in the same rounds: its rate is the measured
   memory-copy bandwidth ``copy_gb_per_s`` (bytes read + written per second).
-* ``gb_per_s`` is a model, not a counter: ``bytes_per_param * n_params /
-  median time``, with 28 bytes per float32 param for Adam (read p, g, m, v;
-  write p, m, v: the least a one-pass fused step can move).
-  ``bandwidth_fraction`` is ``gb_per_s / copy_gb_per_s``.
+* ``bytes_per_param`` is a model of the least traffic a one-pass step can
+  have, read from the sizes of the arrays the step is given: gradients read
+  once, params and optimizer state each read and written once, ``(grads + 2
+  params + 2 state) / n_params`` bytes (28 for float32 Adam: read p, g, m, v;
+  write p, m, v; plus the step count and any flat-buffer padding; 12 for
+  SGD). With q8 moments the state is each moment's uint8 codes and float32
+  block scales (``state_bytes_per_param``, the summed ``nbytes`` of the state
+  leaves per param, about 2.03 where every leaf is quantized).
+  ``gb_per_s`` is ``bytes_per_param * n_params / median time``, a model, not
+  a counter; ``bandwidth_fraction`` is ``gb_per_s / copy_gb_per_s``.
+* ``xla_bytes_per_param`` (JAX, optimizer cases) is counted from the
+  compiled program: XLA's cost analysis ``bytes accessed`` (operands and
+  outputs of every top-level instruction, each fusion once) per param. It
+  shows the passes the compiled step really makes (about 40 for float32
+  Adam on CPU: three loop fusions, not one).
 * ``peak_bytes`` (JAX) is the compiled step's static buffer assignment from
   ``compiled.memory_analysis()``: arguments + outputs - donated aliases +
   temporaries. For torch it is the CUDA allocator's peak on GPU, else None.
@@ -30,7 +41,9 @@ Method (the same for every case and implementation):
   elements of ``|p - p_optax|`` and of ``|p - p_optax| / |p_optax|``
   (elements where ``p_optax == 0`` count in the absolute one only), in the
   params' dtype, at least float32. 0 for optax itself; None for
-  ``optax_sgd`` (not Adam).
+  ``optax_sgd`` (not Adam). The ``*_q8`` rows (8-bit moments) approximate
+  Adam: theirs is the measured distance of quantized Adam from optax's
+  float32 Adam on the same case, not a correctness check.
 """
 
 from __future__ import annotations
@@ -59,14 +72,13 @@ from ._runners import build_train_runners
 from ._runners import make_cases
 from ._runners import torch_available
 
-ADAM_BYTES_PER_PARAM = 28  # float32: read p, g, m, v; write p, m, v.
-SGD_BYTES_PER_PARAM = 12  # float32: read p, g; write p.
-
 IMPLS = (
     "optax",
     "jadam_tree",
     "jadam_flat_tree_io",
     "jadam_flat",
+    "jadam_tree_q8",
+    "jadam_flat_q8",
     "torch_fused",
     "torch_foreach",
     "optax_sgd",
@@ -76,6 +88,10 @@ IMPL_HELP = {
     "jadam_tree": "jadam.adam (tree layout) + optax.apply_updates",
     "jadam_flat_tree_io": "jadam.adam(layout='flat'): tree grads in, tree updates out",
     "jadam_flat": "jadam.step on packed params/grads/state (flat end to end)",
+    "jadam_tree_q8": ("jadam.adam(mu_dtype='q8', nu_dtype='q8') (tree layout; 8-bit "
+                      "block-wise moments, float32 under 4096 elements) + optax.apply_updates"),
+    "jadam_flat_q8": ("jadam.step with q8 moments on packed params/grads/state, in the "
+                      "buffers of the q8 layout='flat' state (flat end to end)"),
     "torch_fused": "torch.optim.Adam(fused=True)",
     "torch_foreach": "torch.optim.Adam(foreach=True)",
     "optax_sgd": ("reference, not Adam: optax.sgd + optax.apply_updates, the cheapest "
@@ -184,7 +200,8 @@ def run(
     gb_per_s, bandwidth_fraction, peak_bytes, max_abs_diff_vs_optax,
     max_rel_diff_vs_optax`` and context (``iqr_ms``: the
     interquartile range of the step times, ``n_params``,
-    ``n_leaves``, ``bytes_per_param``, ``copy_gb_per_s``, ``steps``,
+    ``n_leaves``, ``bytes_per_param``, ``state_bytes``, ``state_bytes_per_param``,
+    ``xla_bytes_per_param``, ``copy_gb_per_s``, ``steps``,
     ``diff_steps``: the steps after which params were compared with optax's,
     ``device``, ``peak_source``, ``title``). The differences are None
     without an optax row and for ``optax_sgd``.
@@ -244,8 +261,13 @@ def run(
         r = runners[impl]
         med = statistics.median(ts)
         peak = r.peak() if isinstance(r, TorchRunner) else r.peak_bytes
-        model_bytes = SGD_BYTES_PER_PARAM if impl == "optax_sgd" else ADAM_BYTES_PER_PARAM
-        gbs = model_bytes * n_params / med / 1e9 if case.kind == "optimizer" else None
+        param_bytes, state_bytes, input_bytes = r.array_bytes()
+        model_bytes = xla_bytes = None
+        if case.kind == "optimizer":  # the other input is the gradients
+          model_bytes = (input_bytes + 2 * param_bytes + 2 * state_bytes) / n_params
+          if r.xla_bytes_accessed is not None:
+            xla_bytes = r.xla_bytes_accessed / n_params
+        gbs = model_bytes * n_params / med / 1e9 if model_bytes is not None else None
         q1, _, q3 = statistics.quantiles(ts, n=4)
         abs_diff, rel_diff, diff_steps = diffs.get(impl, (None, None, None))
         records.append(dict(
@@ -254,7 +276,8 @@ def run(
             compile_s=r.compile_s, gb_per_s=gbs,
             bandwidth_fraction=(gbs / copy_gbs) if gbs is not None else None,
             peak_bytes=peak, title=case.title, n_params=int(n_params), n_leaves=int(n_leaves),
-            bytes_per_param=model_bytes if case.kind == "optimizer" else None,
+            bytes_per_param=model_bytes, state_bytes=int(state_bytes),
+            state_bytes_per_param=state_bytes / n_params, xla_bytes_per_param=xla_bytes,
             copy_gb_per_s=copy_gbs, steps=len(ts), device=str(jax_device),
             peak_source=r.peak_source, max_abs_diff_vs_optax=abs_diff,
             max_rel_diff_vs_optax=rel_diff, diff_steps=diff_steps,
@@ -285,7 +308,8 @@ def _fmt_diff(r: dict) -> str:
 def format_table(records: list[dict]) -> str:
   """A fixed-width text table (also valid Markdown)."""
   head = ("case", "impl", "params", "leaves", "median ms", "IQR", "vs optax", "compile s",
-          "GB/s (model)", "of copy BW", "peak MB", "diff vs optax abs/rel")
+          "state B/param", "B/param (model)", "GB/s (model)", "of copy BW", "XLA B/param",
+          "peak MB", "diff vs optax abs/rel")
   rows = [head]
   for r in records:
     rows.append((
@@ -293,8 +317,10 @@ def format_table(records: list[dict]) -> str:
         str(r["n_leaves"]), _fmt(r["median_ms"], ".2f"),
         f"{100 * r['iqr_ms'] / r['median_ms']:.0f}%",
         _fmt(r["speedup_vs_optax"], ".2f") + ("x" if r["speedup_vs_optax"] else ""),
-        _fmt(r["compile_s"], ".2f"), _fmt(r["gb_per_s"], ".2f"),
+        _fmt(r["compile_s"], ".2f"), _fmt(r.get("state_bytes_per_param"), ".2f"),
+        _fmt(r["bytes_per_param"], ".2f"), _fmt(r["gb_per_s"], ".2f"),
         "-" if r["bandwidth_fraction"] is None else f"{100 * r['bandwidth_fraction']:.0f}%",
+        _fmt(r.get("xla_bytes_per_param"), ".1f"),
         "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}",
         _fmt_diff(r),
     ))
@@ -347,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
   """Command line: ``python -m jadam.bench [--quick] [--json PATH] [--plot PATH] ...``."""
   parser = argparse.ArgumentParser(
       prog="python -m jadam.bench",
-      description="One Adam step: jadam (tree, flat) against optax and torch, in one run.",
+      description=("One Adam step: jadam (tree, flat; float32 and q8 moments) against optax "
+                   "and torch, in one run."),
       epilog="implementations: " + "; ".join(f"{k}: {v}" for k, v in IMPL_HELP.items()),
   )
   parser.add_argument("--quick", action="store_true",

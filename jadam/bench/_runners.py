@@ -302,17 +302,13 @@ def build_optimizer_runners(case: Case, impls, device, jax_device) -> tuple[dict
       p = _copy(params)
       runners[impl] = JaxRunner(_optimizer_step(tx), (p, tx.init(p), grads))
     elif impl == "jadam_flat_q8":
-      # Flat end to end like jadam_flat, in the q8 flat layout's buffers. The
-      # step is the optimizer's update of packed values (DataParallel(layout=
-      # "flat")'s path) plus apply_updates in the same jit: jadam.step
-      # rejects a packed state with quantized buffers.
+      # Flat end to end like jadam_flat (jadam.step), in the buffers of the
+      # q8 flat layout (a buffer per quantized leaf).
       layout = quantized_flat_layout(params)
-      tx = quantized_adam()
       packed = jax.jit(layout.pack)(params)
+      state = jadam.init(packed, mu_dtype=QUANTIZED, nu_dtype=QUANTIZED)
       runners[impl] = JaxRunner(
-          _optimizer_step(tx), (packed, tx.init(packed), jax.jit(layout.pack)(grads)),
-          unpack=layout.unpack,
-      )
+          _flat_step(), (packed, state, jax.jit(layout.pack)(grads)), unpack=layout.unpack)
     elif impl == "optax_sgd":
       tx = optax.sgd(LEARNING_RATE)
       p = _copy(params)
