@@ -14,7 +14,9 @@ import pytest
 
 import jadam
 import jadam.parallel
+from jadam._sharding import fsdp_spec
 from jadam.parallel import _comm
+from jax.sharding import PartitionSpec as P
 from test_parallel import make_batches
 from test_parallel import mse
 
@@ -179,6 +181,19 @@ def expected_bytes(strategy: str, num_params: int, n: int, k: int,
     # micro-batch's gradient and loss are all-reduced inside the loop
     # (BENCHMARKS.md, "Communication").
     return {"all-reduce": k * all_reduce(grads + loss_bytes)}
+  if strategy == "fsdp":
+    # Each param split along a dimension n divides (else replicated): its
+    # shards all-gathered and its gradient reduce-scattered once per step
+    # (after the micro-batch loop); a replicated param's gradient and the
+    # loss all-reduced.
+    shapes = [np.shape(x) for x in jax.tree.leaves(mlp_params((num_params - 1) // 6))]
+    split = sum(math.prod(s) for s in shapes if fsdp_spec(s, n, "data") != P())
+    whole = num_params - split
+    out = {"all-reduce": all_reduce(whole * grad_bytes + loss_bytes)}
+    if split:
+      out["all-gather"] = (n - 1) * f(split, n) * grad_bytes
+      out["reduce-scatter"] = f(n - 1, n) * split * grad_bytes
+    return out
   assert strategy in ("zero1", "zero2"), strategy
   # One flat float32 buffer, zero padded to a multiple of lcm(1024, n)
   # elements (jadam/_layout.py: sharded_pad_multiple), split into n slices.
