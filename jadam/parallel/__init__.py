@@ -1,6 +1,7 @@
 """Data-parallel training: one trainer over ``pmap``, ``shard_map``, ``jit``
 ZeRO (``"zero1"``, ``"zero2"``: optimizer state sharded over the data
-axis) and FSDP (``"fsdp"``: params, gradients and state sharded), on one process or many (``jax.distributed``); :func:`comm_bytes`
+axis), FSDP (``"fsdp"``: params, gradients and state sharded) and local
+steps (``LocalSteps(inner_steps=H)``, DiLoCo), on one process or many (``jax.distributed``); :func:`comm_bytes`
 reads the bytes a step sends from its compiled HLO.
 
 Usage::
@@ -20,6 +21,8 @@ from ._common import register_strategy as register_strategy
 from ._trainer import DataParallel as DataParallel
 from . import _zero  # noqa: F401  (registers the "zero1" and "zero2" strategies)
 from . import _fsdp  # noqa: F401  (registers the "fsdp" strategy)
+from ._local import LocalSteps as LocalSteps
+from ._local import LocalStepsState as LocalStepsState
 from ._comm import CommReport as CommReport
 from ._comm import comm_bytes as comm_bytes
 from ._comm import comm_report as comm_report

@@ -63,7 +63,8 @@ class Collective:
     operands: the operands' shapes, as HLO writes them (``"f32[1024]"``).
     operand_bytes: bytes of all operands on one device.
     group_size: devices in each replica group.
-    count: times it runs per step (the trip counts of enclosing loops).
+    count: times it runs per step (the trip counts of enclosing loops; a
+      fraction inside a conditional that runs every few steps).
     bytes_sent: bytes one device sends per step for it (see the module's
       send model), ``count`` runs included.
     computation: the HLO computation it is in.
@@ -74,7 +75,7 @@ class Collective:
   operands: tuple[str, ...]
   operand_bytes: int
   group_size: int
-  count: int
+  count: float
   bytes_sent: float
   computation: str
 
@@ -117,7 +118,7 @@ class CommReport:
       ops = ", ".join(c.operands)
       if len(ops) > 34:
         ops = ops[:31] + "..."
-      lines.append(f"{c.kind:<20} {ops:<34} {c.group_size:>5} {c.count:>4} "
+      lines.append(f"{c.kind:<20} {ops:<34} {c.group_size:>5} {c.count:>4g} "
                    f"{c.bytes_sent:>12,.0f}")
     lines.append(f"{'total per device':<66} {self.bytes_per_device:>12,}")
     return "\n".join(lines)
@@ -255,11 +256,13 @@ def _module_devices(text: str) -> int:
   return (int(replicas[1]) if replicas else 1) * (int(partitions[1]) if partitions else 1)
 
 
-def parse_hlo_collectives(hlo_text: str) -> CommReport:
+def parse_hlo_collectives(hlo_text: str, branch_weight: float = 1.0) -> CommReport:
   """The collectives of an optimized HLO module (``compiled.as_text()``).
 
   Args:
     hlo_text: the module's text.
+    branch_weight: how often a collective inside a conditional's branch runs
+      per step (1: every step, an upper bound; ``LocalSteps``: ``1 / H``).
 
   Returns:
     A :class:`CommReport`.
@@ -293,7 +296,7 @@ def parse_hlo_collectives(hlo_text: str) -> CommReport:
   found: list[Collective] = []
   unknown: list[str] = []
 
-  def visit(comp: str, count: int, stack: tuple[str, ...]):
+  def visit(comp: str, count: float, stack: tuple[str, ...]):
     if comp in stack or comp not in computations:
       return
     for name, shape, op, operands, attrs in computations[comp]:
@@ -334,12 +337,13 @@ def parse_hlo_collectives(hlo_text: str) -> CommReport:
       for key in ("calls", "to_apply", "true_computation", "false_computation"):
         called = _attr(attrs, key)
         if called:
+          weight = branch_weight if key.endswith("_computation") else 1
           for c in _split_top(called.strip("{}")):
-            visit(c.strip().lstrip("%"), count, stack + (comp,))
+            visit(c.strip().lstrip("%"), count * weight, stack + (comp,))
       branches = _attr(attrs, "branch_computations")
       if branches:
         for c in _split_top(branches.strip("{}")):
-          visit(c.strip().lstrip("%"), count, stack + (comp,))
+          visit(c.strip().lstrip("%"), count * branch_weight, stack + (comp,))
 
   visit(entry, 1, ())
   return CommReport(tuple(found), num_devices, tuple(unknown))
@@ -349,7 +353,10 @@ def comm_report(trainer, params, opt_state, batch) -> CommReport:
   """The collectives of ``trainer``'s compiled step and the bytes each device
   sends per step (see :func:`comm_bytes`)."""
   compiled = trainer.lower(params, opt_state, batch).compile()
-  return parse_hlo_collectives(compiled.as_text())
+  # A strategy whose exchange runs under a conditional (LocalSteps: once
+  # every H steps) says how often: its bytes are averaged over the period.
+  weight = getattr(getattr(trainer, "_strategy", None), "branch_weight", 1.0)
+  return parse_hlo_collectives(compiled.as_text(), branch_weight=weight)
 
 
 def comm_bytes(trainer, params, opt_state, batch) -> int:

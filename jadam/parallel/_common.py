@@ -39,6 +39,9 @@ class StepConfig:
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     accumulation_steps: number of micro-batches each device's share is split
       into inside one step.
+    options: the strategy object passed as ``strategy=`` (e.g.
+      ``LocalSteps(inner_steps=8)``), or ``None`` for a strategy named by a
+      string.
   """
 
   loss_fn: Callable[..., Any]
@@ -47,6 +50,7 @@ class StepConfig:
   axis_name: str
   has_aux: bool
   accumulation_steps: int
+  options: Any = None
 
   @property
   def num_shards(self) -> int:

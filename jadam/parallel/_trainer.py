@@ -101,7 +101,9 @@ class DataParallel:
         axis types may be ``Explicit`` (``jax.make_mesh``'s default) or
         ``Auto``.
       strategy: one of :func:`available_strategies`: ``"shard_map"``,
-        ``"jit"``, ``"pmap"``, ``"zero1"`` or ``"zero2"``.
+        ``"jit"``, ``"pmap"``, ``"zero1"``, ``"zero2"``, ``"fsdp"`` or
+        ``"local"``; or a strategy object with options,
+        ``jadam.parallel.LocalSteps(inner_steps=H, outer_optimizer=...)``.
       axis_name: the mesh axis the batch is split over; params and state are
         replicated over every axis (ZeRO: the state is split over it, and
         params keep a ``NamedSharding`` over the other axes).
@@ -143,6 +145,9 @@ class DataParallel:
       raise ValueError(
           "`DataParallel(accumulation_steps=...)` must be a positive integer, "
           f"got {accumulation_steps!r}")
+    options = None
+    if not isinstance(strategy, str) and isinstance(getattr(strategy, "name", None), str):
+      options, strategy = strategy, strategy.name  # a strategy object with options
     strategy_cls = get_strategy(strategy)
     if layout not in ("tree", "flat"):
       raise ValueError(
@@ -171,6 +176,7 @@ class DataParallel:
         axis_name=axis_name,
         has_aux=bool(has_aux),
         accumulation_steps=accumulation_steps,
+        options=options,
     )
     self._strategy_name = strategy
     self._strategy = strategy_cls(self._config)

@@ -1,0 +1,184 @@
+"""``strategy=LocalSteps(inner_steps=H)`` (DiLoCo, Douillard et al. 2023):
+each device trains its own replica for ``H`` steps, then the replicas meet.
+
+Every device (one replica) takes ``H`` inner steps of the trainer's optimizer
+on its own share of each batch, with its own inner optimizer state and no
+communication. At every ``H``-th step the replicas' deltas from the global
+params (the *outer gradient*, ``global - replica``) are averaged with one
+all-reduce, the outer optimizer (default: SGD with Nesterov momentum 0.9 and
+learning rate 0.7, DiLoCo's) applies them to the global params, and every
+replica continues from the new global params. No device waits for another
+between outer steps: this is the SPMD form of asynchronous training.
+
+Layout: ``params`` (what ``init`` and ``step`` return, and ``gather`` reads)
+are the global params, replicated; the optimizer state is a
+:class:`LocalStepsState` with the step count, the replicas and their inner
+states (a leading device axis, split over the data axis) and the outer
+optimizer's state. The loss ``step`` returns is the mean of the replicas'
+losses on their shares (one scalar all-reduce per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ._common import PyTree
+from ._common import apply_optimizer
+from ._common import mean_loss_and_grads
+from ._common import put_params
+from ._common import register_strategy
+from ._common import split_local
+from ._strategies import _Replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSteps:
+  """Options of the local-steps (DiLoCo) strategy.
+
+  Args:
+    inner_steps: ``H``, the inner steps each replica takes between two
+      outer steps (a positive integer).
+    outer_optimizer: the optax optimizer of the outer step, applied to the
+      averaged ``global - replica`` deltas; ``None``: ``optax.sgd(0.7,
+      momentum=0.9, nesterov=True)`` (DiLoCo's). ``optax.sgd(1.0)`` is plain
+      averaging of the replicas.
+  """
+
+  inner_steps: int = 8
+  outer_optimizer: Any = None
+  name = "local"
+
+  def __post_init__(self):
+    h = self.inner_steps
+    if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1:
+      raise ValueError(
+          f"`LocalSteps(inner_steps=...)` must be a positive integer, got {h!r}")
+    tx = self.outer_optimizer
+    if tx is not None and not (callable(getattr(tx, "init", None))
+                               and callable(getattr(tx, "update", None))):
+      raise ValueError(
+          "`LocalSteps(outer_optimizer=...)` must be None or an optax "
+          f"GradientTransformation, got {tx!r}")
+
+  def outer(self) -> optax.GradientTransformation:
+    if self.outer_optimizer is not None:
+      return self.outer_optimizer
+    return optax.sgd(0.7, momentum=0.9, nesterov=True)
+
+
+class LocalStepsState(NamedTuple):
+  """The state of the local-steps strategy.
+
+  Attributes:
+    count: int32, steps taken (an outer step follows every ``H``-th).
+    replicas: each device's params (a leading device axis).
+    inner: each device's state of the trainer's optimizer (leading axis).
+    outer: the outer optimizer's state (replicated).
+  """
+
+  count: jax.Array
+  replicas: PyTree
+  inner: PyTree
+  outer: PyTree
+
+
+@register_strategy("local")
+class LocalStepsStrategy(_Replicated):
+  """``H`` local steps per replica, then one averaged outer step."""
+
+  # Collectives under the step's conditional (the outer step) run once every
+  # ``H`` steps: jadam.parallel.comm_bytes averages them over the period.
+  @property
+  def branch_weight(self) -> float:
+    return 1.0 / self.options.inner_steps
+
+  @property
+  def options(self) -> LocalSteps:
+    return self.config.options or LocalSteps()
+
+  def _split(self) -> NamedSharding:
+    return NamedSharding(self.sharding_mesh(), P(self.config.axis_name))
+
+  def _stack(self, x):
+    n = self.config.num_shards
+    return jnp.broadcast_to(x, (n,) + jnp.shape(x))
+
+  def init(self, params):
+    replicated = self.replicated()
+    params = jax.tree.map(lambda x: put_params(x, replicated), params)
+    optimizer, outer = self.config.optimizer, self.options.outer()
+    shardings = self._state_shardings(params)
+    with jax.set_mesh(self.context_mesh()):
+      state = jax.jit(lambda p: LocalStepsState(
+          jnp.zeros([], jnp.int32), jax.tree.map(self._stack, p),
+          jax.tree.map(self._stack, optimizer.init(p)), outer.init(p)),
+          out_shardings=shardings)(params)
+    return params, state
+
+  def _state_shardings(self, params):
+    abstract = jax.eval_shape(lambda p: LocalStepsState(
+        jnp.zeros([], jnp.int32), p, self.config.optimizer.init(p),
+        self.options.outer().init(p)), params)
+    split, replicated = self._split(), self.replicated()
+    return LocalStepsState(
+        replicated, jax.tree.map(lambda _: split, abstract.replicas),
+        jax.tree.map(lambda _: split, abstract.inner),
+        jax.tree.map(lambda _: replicated, abstract.outer))
+
+  def abstract_state(self, params):
+    """``(params, opt_state)`` as ``init`` makes them (``ShapeDtypeStruct``)."""
+    bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
+                        params)
+    state = jax.eval_shape(lambda p: LocalStepsState(
+        jnp.zeros([], jnp.int32), jax.tree.map(self._stack, p),
+        jax.tree.map(self._stack, self.config.optimizer.init(p)),
+        self.options.outer().init(p)), bare)
+    shardings = self._state_shardings(bare)
+    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    replicated = self.replicated()
+    return (jax.tree.map(lambda x: place(x, replicated), bare),
+            jax.tree.map(place, state, shardings))
+
+  def build_step(self):
+    config = self.config
+    axis = config.axis_name
+    h = self.options.inner_steps
+    outer_tx = self.options.outer()
+    split = split_local(config.accumulation_steps)
+
+    def per_device(params, state, batch):
+      replica = jax.tree.map(lambda x: x[0], state.replicas)
+      inner = jax.tree.map(lambda x: x[0], state.inner)
+      loss, aux, grads = mean_loss_and_grads(config, replica, batch, split)
+      replica, inner = apply_optimizer(config.optimizer, grads, inner, replica)
+      count = state.count + 1
+
+      def outer_step(args):
+        anchor, _, outer = args
+        # The outer gradient: how far the replicas moved, averaged.
+        delta = jax.lax.pmean(jax.tree.map(jnp.subtract, anchor, replica), axis)
+        anchor, outer = apply_optimizer(outer_tx, delta, outer, anchor)
+        return anchor, anchor, outer  # every replica restarts from the new params
+
+      params, replica, outer = jax.lax.cond(
+          count % h == 0, outer_step, lambda args: args, (params, replica, state.outer))
+      loss, aux = jax.lax.pmean((loss, aux), axis)
+      stack = lambda x: x[None]
+      return params, LocalStepsState(count, jax.tree.map(stack, replica),
+                                     jax.tree.map(stack, inner), outer), loss, aux
+
+    specs = LocalStepsState(P(), P(axis), P(axis), P())
+    # check_vma=False: each replica is differentiated on its own share; the
+    # only exchange is the explicit pmean of the outer step (and the loss).
+    step = jax.shard_map(per_device, mesh=self.sharding_mesh(),
+                         in_specs=(P(), specs, P(axis)),
+                         out_specs=(P(), specs, P(), P()), check_vma=False)
+    return jax.jit(step, donate_argnums=(0, 1))
