@@ -33,7 +33,15 @@ def parse_args(argv=None) -> argparse.Namespace:
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--strategy", default="shard_map",
                       help="a DataParallel strategy: shard_map, jit, pmap, "
-                      "zero1, zero2 (jadam.parallel.available_strategies())")
+                      "zero1, zero2, fsdp, local "
+                      "(jadam.parallel.available_strategies())")
+  parser.add_argument("--inner-steps", type=int, default=8,
+                      help="--strategy local: inner steps per outer step (H)")
+  parser.add_argument("--outer-lr", type=float, default=0.7,
+                      help="--strategy local: the outer SGD's learning rate")
+  parser.add_argument("--outer-momentum", type=float, default=0.9,
+                      help="--strategy local: the outer SGD's Nesterov "
+                      "momentum (0: plain averaging with --outer-lr 1)")
   parser.add_argument("--mu-dtype", default=None, choices=DTYPES,
                       help="format of Adam's first moment: a dtype, or q8/q4 "
                       "quantized (default: params' dtype)")
@@ -158,9 +166,15 @@ def main(argv=None) -> int:
                    mu_dtype=moment_format(args.mu_dtype),
                    nu_dtype=moment_format(args.nu_dtype), layout=args.layout)
 
+  strategy = args.strategy
+  if strategy == "local":  # DiLoCo: H inner steps per replica, then one outer step
+    strategy = jadam.parallel.LocalSteps(
+        inner_steps=args.inner_steps,
+        outer_optimizer=optax.sgd(args.outer_lr, momentum=args.outer_momentum or None,
+                                  nesterov=bool(args.outer_momentum)))
   mesh = jax.make_mesh((n_devices,), ("data",))
   trainer = jadam.parallel.DataParallel(loss_fn, tx, mesh,
-                                        strategy=args.strategy)
+                                        strategy=strategy)
   params = jax.jit(model.init)(
       jax.random.key(args.seed), np.zeros((1, args.seq_len), np.int32))
   params = params["params"]
