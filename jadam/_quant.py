@@ -92,9 +92,6 @@ class Quantized:
     """The sorted code map (``2 ** bits`` float32 values in [-1, 1] or [0, 1])."""
     return _codes.code_map(self.bits, self.code, bool(self.signed))
 
-  def bytes_per_element(self) -> float:
-    return self.bits / 8
-
 
 def resolve(fn: str, name: str, value):
   """Canonicalizes a moment format: ``None``, a float ``np.dtype``, or a
