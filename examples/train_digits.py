@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="jadam.adamw or optax.adamw (same arguments)")
   parser.add_argument("--strategy", default="shard_map",
                       help="a DataParallel strategy: shard_map, jit, pmap, "
-                      "zero1, zero2 (jadam.parallel.available_strategies())")
+                      "zero1, zero2, fsdp, local (jadam.parallel.available_strategies())")
   parser.add_argument("--layout", default="tree", choices=("tree", "flat"),
                       help="jadam's optimizer-state layout")
   parser.add_argument("--mu-dtype", default=None, choices=DTYPES,

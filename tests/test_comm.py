@@ -181,6 +181,10 @@ def expected_bytes(strategy: str, num_params: int, n: int, k: int,
     # micro-batch's gradient and loss are all-reduced inside the loop
     # (BENCHMARKS.md, "Communication").
     return {"all-reduce": k * all_reduce(grads + loss_bytes)}
+  if strategy == "local":
+    # LocalSteps(inner_steps=8): the replicas' params all-reduced once every
+    # 8 steps (comm_bytes averages over the period), the loss every step.
+    return {"all-reduce": all_reduce(num_params * grad_bytes) / 8 + all_reduce(loss_bytes)}
   if strategy == "fsdp":
     # Each param split along a dimension n divides (else replicated): its
     # shards all-gathered and its gradient reduce-scattered once per step
