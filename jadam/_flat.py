@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from . import _compose
 from . import _core
 from . import _quant
 from . import _rule
@@ -101,6 +102,13 @@ def quantized_packing(spec: _core.OptimizerSpec) -> tuple[int, int, int | None]:
   smallest = min(f.min_quantized_size for f in formats)
   return (max(0, min(MAX_PACKED_LEAF, smallest - 1)), max(f.block_size for f in formats),
           smallest)
+
+
+def optimizer_packing(optimizer) -> tuple[int, int, int | None]:
+  """:func:`quantized_packing` of the jadam optimizer in ``optimizer`` (bare,
+  or inside optax's wrappers); ``(MAX_PACKED_LEAF, 1, None)`` without one."""
+  spec = _compose.jadam_spec(optimizer)
+  return (MAX_PACKED_LEAF, 1, None) if spec is None else quantized_packing(spec)
 
 
 def _params_mesh(params):

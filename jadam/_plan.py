@@ -88,54 +88,51 @@ def _itemsize(dtype) -> int:
   return np.dtype(dtype).itemsize
 
 
-def _tree_bytes(tree, n: int, dtype=None) -> int:
-  """Bytes per device of ``tree``'s arrays: packed buffers split over ``n``."""
+def _tree_bytes(tree, array_bytes, dtype=None) -> int:
+  """Bytes per device of ``tree``'s arrays: ``array_bytes(shape, dtype,
+  packed)`` for each (``packed``: part of a packed buffer)."""
   total = 0
   for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Packed)):
-    share = n if isinstance(x, Packed) else 1
     for a in jax.tree.leaves(x):
-      total += math.prod(a.shape) * _itemsize(dtype or a.dtype) // share
+      total += array_bytes(a.shape, dtype or a.dtype, isinstance(x, Packed))
   return total
 
 
-def _state_bytes(state, n: int, mu_dtype=None, nu_dtype=None) -> int:
-  """Bytes per device of an optimizer state (``jax.ShapeDtypeStruct`` leaves);
-  ``mu_dtype``/``nu_dtype``, when given, replace the moments' dtypes."""
+def _state_bytes(state, array_bytes, mu_dtype=None, nu_dtype=None) -> int:
+  """Bytes per device of an optimizer state (``jax.ShapeDtypeStruct`` leaves),
+  each array counted by ``array_bytes``; ``mu_dtype``/``nu_dtype``, when
+  given, replace the moments' dtypes."""
   def is_moments(x):
     return hasattr(x, "_fields") and "mu" in x._fields
 
   total = 0
   for x in jax.tree.leaves(state, is_leaf=lambda x: is_moments(x) or isinstance(x, Packed)):
     if not is_moments(x):
-      total += _tree_bytes(x, n)
+      total += _tree_bytes(x, array_bytes)
       continue
     for name in x._fields:
       want = {"mu": mu_dtype, "nu": nu_dtype, "nu_max": nu_dtype}.get(name)
-      total += _tree_bytes(getattr(x, name), n, want)
+      total += _tree_bytes(getattr(x, name), array_bytes, want)
   return total
 
 
-def _fsdp_bytes(shape, dtype, n: int) -> int:
-  """Bytes per device of an array of ``shape`` under ``strategy="fsdp"``."""
-  size = math.prod(shape) * _itemsize(dtype)
-  return size // n if any(a is not None for a in fsdp_spec(shape, n, "data")) else size
+def _whole_bytes(shape, dtype, packed=False) -> int:
+  """An array that every device holds whole."""
+  return math.prod(shape) * _itemsize(dtype)
 
 
-def _with_moment_dtypes(state, mu_dtype, nu_dtype):
-  """``state`` (``ShapeDtypeStruct`` leaves) with its moments' dtypes replaced."""
-  def is_moments(x):
-    return hasattr(x, "_fields") and "mu" in x._fields
+def _sliced_bytes(n: int):
+  """ZeRO: packed buffers split over ``n`` devices, the rest whole."""
+  return lambda shape, dtype, packed: _whole_bytes(shape, dtype) // (n if packed else 1)
 
-  def fix(x):
-    if not is_moments(x):
-      return x
-    want = {"mu": mu_dtype, "nu": nu_dtype, "nu_max": nu_dtype}
-    return x._replace(**{
-        k: jax.tree.map(lambda s, dt=want[k]: jax.ShapeDtypeStruct(s.shape, dt or s.dtype),
-                        getattr(x, k))
-        for k in x._fields if k in want})
 
-  return jax.tree.map(fix, state, is_leaf=is_moments)
+def _fsdp_bytes(n: int):
+  """FSDP: every array split over ``n`` devices where it divides (see
+  :func:`jadam._sharding.fsdp_spec`), else whole."""
+  def array_bytes(shape, dtype, packed=False):
+    split = any(a is not None for a in fsdp_spec(shape, n, "data"))
+    return _whole_bytes(shape, dtype) // (n if split else 1)
+  return array_bytes
 
 
 def _zero_slices(tree, n: int, block: int, small_leaf) -> Packed:
@@ -252,12 +249,10 @@ def memory_plan(
       from . import _optimizers  # pylint: disable=import-outside-toplevel
       optimizer = _optimizers.adam(1e-3, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
       mu_dtype = nu_dtype = None
-    state = jax.eval_shape(optimizer.init, tree)
-    if mu_dtype is not None or nu_dtype is not None:
-      state = _with_moment_dtypes(state, mu_dtype, nu_dtype)
-    params_fsdp = sum(_fsdp_bytes(s, dt, n) for s, dt in leaves)
-    grads = sum(_fsdp_bytes(s, grad_dtype(dt), n) for s, dt in leaves)
-    opt_state = sum(_fsdp_bytes(x.shape, x.dtype, n) for x in jax.tree.leaves(state))
+    fsdp = _fsdp_bytes(n)
+    params_fsdp = sum(fsdp(s, dt) for s, dt in leaves)
+    grads = sum(fsdp(s, grad_dtype(dt)) for s, dt in leaves)
+    opt_state = _state_bytes(jax.eval_shape(optimizer.init, tree), fsdp, mu_dtype, nu_dtype)
     return MemoryPlan("fsdp", n, num_params, params_fsdp, grads, opt_state)
 
   if strategy in PLAIN_STRATEGIES:
@@ -265,7 +260,8 @@ def memory_plan(
     if optimizer is None:
       opt_state = adam_bytes([(math.prod(s), dt) for s, dt in leaves], 1)
     else:  # the optimizer's own state, measured (nothing is allocated)
-      opt_state = _state_bytes(jax.eval_shape(optimizer.init, tree), 1, mu_dtype, nu_dtype)
+      opt_state = _state_bytes(jax.eval_shape(optimizer.init, tree), _whole_bytes,
+                               mu_dtype, nu_dtype)
     return MemoryPlan("plain" if strategy == "plain" else strategy, n,
                       num_params, params_bytes, grads, opt_state)
 
@@ -275,8 +271,7 @@ def memory_plan(
         "bare or in an optax.chain with elementwise transformations or "
         "optax.clip_by_global_norm (ZeRO applies a jadam rule to flat slices), "
         f"got {optimizer!r}")
-  spec = parts.jadam[0] if optimizer is not None else None
-  _, block, small_leaf = (1, 1, None) if spec is None else _flat.quantized_packing(spec)
+  _, block, small_leaf = _flat.optimizer_packing(optimizer)
   layout = FlatLayout.from_tree(
       tree, pad_multiple=math.lcm(sharded_pad_multiple(n), block * n), small_leaf=small_leaf)
   if optimizer is None:
@@ -286,7 +281,7 @@ def memory_plan(
     # split over the devices, the rest (counts, scalars) replicated.
     opt_state = _state_bytes(
         jax.eval_shape(optimizer.init, _zero_slices(tree, n, block, small_leaf)),
-        n, mu_dtype, nu_dtype)
+        _sliced_bytes(n), mu_dtype, nu_dtype)
   if strategy == "zero1":
     grads = sum(math.prod(s) * grad_dtype(dt).itemsize for s, dt in leaves)
   else:

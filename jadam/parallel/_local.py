@@ -111,41 +111,38 @@ class LocalStepsStrategy(_Replicated):
     n = self.config.num_shards
     return jnp.broadcast_to(x, (n,) + jnp.shape(x))
 
+  def _initial(self, params) -> LocalStepsState:
+    """The state ``init`` makes: every replica the params, a fresh inner state
+    each, the outer optimizer's state."""
+    stack = lambda tree: jax.tree.map(self._stack, tree)
+    return LocalStepsState(jnp.zeros([], jnp.int32), stack(params),
+                           stack(self.config.optimizer.init(params)),
+                           self.options.outer().init(params))
+
+  def _state_shardings(self, state) -> LocalStepsState:
+    split, replicated = self._split(), self.replicated()
+    return LocalStepsState(
+        replicated, jax.tree.map(lambda _: split, state.replicas),
+        jax.tree.map(lambda _: split, state.inner),
+        jax.tree.map(lambda _: replicated, state.outer))
+
   def init(self, params):
     replicated = self.replicated()
     params = jax.tree.map(lambda x: put_params(x, replicated), params)
-    optimizer, outer = self.config.optimizer, self.options.outer()
-    shardings = self._state_shardings(params)
+    shardings = self._state_shardings(jax.eval_shape(self._initial, params))
     with jax.set_mesh(self.context_mesh()):
-      state = jax.jit(lambda p: LocalStepsState(
-          jnp.zeros([], jnp.int32), jax.tree.map(self._stack, p),
-          jax.tree.map(self._stack, optimizer.init(p)), outer.init(p)),
-          out_shardings=shardings)(params)
+      state = jax.jit(self._initial, out_shardings=shardings)(params)
     return params, state
-
-  def _state_shardings(self, params):
-    abstract = jax.eval_shape(lambda p: LocalStepsState(
-        jnp.zeros([], jnp.int32), p, self.config.optimizer.init(p),
-        self.options.outer().init(p)), params)
-    split, replicated = self._split(), self.replicated()
-    return LocalStepsState(
-        replicated, jax.tree.map(lambda _: split, abstract.replicas),
-        jax.tree.map(lambda _: split, abstract.inner),
-        jax.tree.map(lambda _: replicated, abstract.outer))
 
   def abstract_state(self, params):
     """``(params, opt_state)`` as ``init`` makes them (``ShapeDtypeStruct``)."""
     bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
                         params)
-    state = jax.eval_shape(lambda p: LocalStepsState(
-        jnp.zeros([], jnp.int32), jax.tree.map(self._stack, p),
-        jax.tree.map(self._stack, self.config.optimizer.init(p)),
-        self.options.outer().init(p)), bare)
-    shardings = self._state_shardings(bare)
+    state = jax.eval_shape(self._initial, bare)
     place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     replicated = self.replicated()
     return (jax.tree.map(lambda x: place(x, replicated), bare),
-            jax.tree.map(place, state, shardings))
+            jax.tree.map(place, state, self._state_shardings(state)))
 
   def build_step(self):
     config = self.config

@@ -15,7 +15,6 @@ from . import _strategies  # noqa: F401  (registers the built-in strategies)
 from ._common import PyTree
 from ._common import StepConfig
 from ._common import get_strategy
-from .. import _compose
 from .. import _flat
 from .._layout import FlatLayout
 from .._packed import Packed
@@ -229,8 +228,7 @@ class DataParallel:
 
   def _flat_layout(self, params) -> FlatLayout:
     # Quantized moments: small leaves in a float32-moment buffer of their own.
-    spec = _compose.jadam_spec(self._config.optimizer)
-    small_leaf = None if spec is None else _flat.quantized_packing(spec)[2]
+    small_leaf = _flat.optimizer_packing(self._config.optimizer)[2]
     return FlatLayout.from_tree(params, small_leaf=small_leaf)
 
   @property

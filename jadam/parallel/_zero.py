@@ -127,8 +127,9 @@ class ZeroStrategy(Strategy):
 
   def layout_for(self, params, fn: str = "DataParallel.init") -> ZeroLayout:
     """The sharded flat layout of ``params`` (a pure query)."""
-    return zero_layout(params, self.mesh, self.config.axis_name, fn,
-                       *quantized_packing(self.config.optimizer))
+    # Quantized moments: slices of whole blocks, small leaves kept apart.
+    _, block, small_leaf = _flat.optimizer_packing(self.config.optimizer)
+    return zero_layout(params, self.mesh, self.config.axis_name, fn, block, small_leaf)
 
   def param_sharding(self, spec: P) -> NamedSharding:
     return NamedSharding(self.mesh, spec)
@@ -278,14 +279,6 @@ class ZeroStrategy(Strategy):
           "wrapper drop the extra argument `jadam_slices`?")
     params = apply_and_gather(layout, self.mesh, p_slices, updates)
     return params, opt_state, loss, aux
-
-
-def quantized_packing(optimizer) -> tuple[int, int | None]:
-  """``(block, small_leaf)`` of the jadam optimizer's quantized moments
-  (``(1, None)``: none): ZeRO's slices hold whole blocks, small leaves get
-  a float32-moment buffer of their own."""
-  spec = _compose.jadam_spec(optimizer)
-  return (1, None) if spec is None else _flat.quantized_packing(spec)[1:]
 
 
 def _state_layout(opt_state) -> ZeroLayout:
