@@ -33,12 +33,15 @@ def parse_args(argv=None) -> argparse.Namespace:
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--strategy", default="shard_map",
                       help="a DataParallel strategy: shard_map, jit, pmap, "
-                      "zero1, zero2, fsdp, local "
+                      "zero1, zero2, fsdp, onebit, local "
                       "(jadam.parallel.available_strategies())")
   parser.add_argument("--inner-steps", type=int, default=8,
                       help="--strategy local: inner steps per outer step (H)")
   parser.add_argument("--outer-lr", type=float, default=0.7,
                       help="--strategy local: the outer SGD's learning rate")
+  parser.add_argument("--warmup-steps", type=int, default=None,
+                      help="--strategy onebit: steps of exact Adam before the "
+                      "momentum is compressed (default: 20%% of --steps)")
   parser.add_argument("--outer-momentum", type=float, default=0.9,
                       help="--strategy local: the outer SGD's Nesterov "
                       "momentum (0: plain averaging with --outer-lr 1)")
@@ -172,6 +175,9 @@ def main(argv=None) -> int:
         inner_steps=args.inner_steps,
         outer_optimizer=optax.sgd(args.outer_lr, momentum=args.outer_momentum or None,
                                   nesterov=bool(args.outer_momentum)))
+  if strategy == "onebit":  # 1-bit Adam: DeepSpeed advises 15-25% of warm-up
+    strategy = jadam.parallel.OneBit(
+        warmup_steps=args.warmup_steps or max(1, args.steps // 5))
   mesh = jax.make_mesh((n_devices,), ("data",))
   trainer = jadam.parallel.DataParallel(loss_fn, tx, mesh,
                                         strategy=strategy)

@@ -41,7 +41,8 @@ from ._sharding import fsdp_spec
 
 PLAIN_STRATEGIES = ("plain", "shard_map", "jit", "pmap")
 ZERO_STRATEGIES = ("zero1", "zero2")
-STRATEGIES = PLAIN_STRATEGIES + ZERO_STRATEGIES + ("fsdp",)
+OWN_STATE_STRATEGIES = ("onebit", "local")
+STRATEGIES = PLAIN_STRATEGIES + ZERO_STRATEGIES + ("fsdp",) + OWN_STATE_STRATEGIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +174,12 @@ def memory_plan(
     params: a pytree of arrays or ``jax.ShapeDtypeStruct`` (only shapes and
       dtypes are read; nothing is allocated).
     strategy: ``"plain"`` (``"shard_map"``, ``"jit"`` and ``"pmap"`` are the
-      same), ``"zero1"``, ``"zero2"`` or ``"fsdp"`` (every array split along
-      a dimension ``n_devices`` divides, else replicated).
+      same), ``"zero1"``, ``"zero2"``, ``"fsdp"`` (every array split along
+      a dimension ``n_devices`` divides, else replicated), ``"onebit"``
+      (plain, and the float32 error feedback: the flat momentum's worker
+      buffer and ``1/N`` of it of server buffer) or ``"local"`` (plain, and
+      each device's replica of the params and the default outer optimizer's
+      state).
     n_devices: devices on the data axis.
     mu_dtype: dtype of the first moment (default: each param's), or a
       quantized format (``"q8"``, ``"q4"``, :class:`jadam.Quantized`): its
@@ -255,13 +260,14 @@ def memory_plan(
     opt_state = _state_bytes(jax.eval_shape(optimizer.init, tree), fsdp, mu_dtype, nu_dtype)
     return MemoryPlan("fsdp", n, num_params, params_fsdp, grads, opt_state)
 
-  if strategy in PLAIN_STRATEGIES:
+  if strategy in PLAIN_STRATEGIES + OWN_STATE_STRATEGIES:
     grads = sum(math.prod(s) * grad_dtype(dt).itemsize for s, dt in leaves)
     if optimizer is None:
       opt_state = adam_bytes([(math.prod(s), dt) for s, dt in leaves], 1)
     else:  # the optimizer's own state, measured (nothing is allocated)
       opt_state = _state_bytes(jax.eval_shape(optimizer.init, tree), _whole_bytes,
                                mu_dtype, nu_dtype)
+    opt_state += _strategy_state_bytes(strategy, tree, num_params, params_bytes, n)
     return MemoryPlan("plain" if strategy == "plain" else strategy, n,
                       num_params, params_bytes, grads, opt_state)
 
@@ -287,3 +293,18 @@ def memory_plan(
   else:
     grads = sum(b.length // n * grad_dtype(b.dtype).itemsize for b in layout.buffers)
   return MemoryPlan(strategy, n, num_params, params_bytes, grads, opt_state)
+
+
+def _strategy_state_bytes(strategy: str, tree, num_params: int, params_bytes: int,
+                          n: int) -> int:
+  """What a strategy keeps per device besides the optimizer's state."""
+  # pylint: disable=import-outside-toplevel
+  if strategy == "onebit":  # step count, worker and server error feedback
+    from .parallel._sign_exchange import padded_size
+    padded = padded_size(num_params, n)
+    return 4 + 4 * (padded + padded // n)
+  if strategy == "local":  # step count, this device's replica, the outer state
+    from .parallel._local import LocalSteps
+    outer = jax.eval_shape(LocalSteps().outer().init, tree)
+    return 4 + params_bytes + _state_bytes(outer, _whole_bytes)
+  return 0

@@ -41,6 +41,10 @@ class Rule:
     bias_correction_mu: divide ``mu`` by ``1 - b1**t`` (amsgrad may turn it off).
     bias_correction_nu: divide ``nu`` by ``1 - b2**t`` (amsgrad may turn it off).
     trust_ratio: scale each parameter's update by ``|p| / |u|`` (LAMB).
+    nu_frozen_at: ``0`` (``nu`` updates every step) or the step at which
+      ``nu`` froze (1-bit Adam's compression phase): ``nu`` (and ``nu_max``)
+      keep their values, and ``nu``'s bias correction and RAdam's
+      rectification stay those of that step.
   """
 
   kind: str = "adam"
@@ -48,10 +52,14 @@ class Rule:
   bias_correction_mu: bool = True
   bias_correction_nu: bool = True
   trust_ratio: bool = False
+  nu_frozen_at: int = 0
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"Rule(kind=...) must be one of {KINDS}, got {self.kind!r}")
+    if not isinstance(self.nu_frozen_at, int) or self.nu_frozen_at < 0:
+      raise ValueError(
+          f"Rule(nu_frozen_at=...) must be a non-negative int, got {self.nu_frozen_at!r}")
 
   @property
   def moment_names(self) -> tuple[str, ...]:
@@ -117,11 +125,16 @@ def step_scalars(rule: Rule, hp: Hyper, count_inc: jax.Array) -> StepScalars:
 def _step_scalars(rule: Rule, b1, b2, threshold, ro_inf, ro_c, count_inc) -> StepScalars:
   bc_mu = 1 - b1**count_inc if rule.bias_correction_mu else None
   bc_mu_next = 1 - b1 ** safe_increment(count_inc) if rule.nesterov else None
-  bc_nu = 1 - b2**count_inc if rule.bias_correction_nu else None
+  # A frozen nu keeps the corrections of the step it froze at (computed from
+  # the traced count, so the same pow runs as at that step: XLA folds a
+  # constant's pow differently, a relative 1e-5 apart at small steps).
+  count_nu = (jnp.minimum(count_inc, rule.nu_frozen_at).astype(count_inc.dtype)
+              if rule.nu_frozen_at else count_inc)
+  bc_nu = 1 - b2**count_nu if rule.bias_correction_nu else None
   radam_r = radam_on = None
   if rule.kind == "radam":
-    b2t = b2**count_inc
-    ro = ro_inf - 2 * count_inc * b2t / (1 - b2t)
+    b2t = b2**count_nu
+    ro = ro_inf - 2 * count_nu * b2t / (1 - b2t)
     radam_r = jnp.sqrt((ro - 4.0) * (ro - 2.0) * ro_inf / (ro_c * ro))
     radam_on = ro >= threshold
   return StepScalars(bc_mu, bc_mu_next, bc_nu, radam_r, radam_on)
@@ -160,13 +173,17 @@ def element_update(
   b1, b2, eps, eps_root = hp.b1, hp.b2, hp.eps, hp.eps_root
 
   mu = (1 - b1) * g + b1 * mu_old
+  frozen = bool(rule.nu_frozen_at)
   if rule.kind == "adamax":
-    nu = jnp.maximum(jnp.abs(g) + eps, b2 * nu_old)
+    nu = nu_old if frozen else jnp.maximum(jnp.abs(g) + eps, b2 * nu_old)
     direction = _bias_correct(mu, scalars.bc_mu) / nu
     return direction, (mu.astype(moments[0].dtype), nu.astype(moments[1].dtype))
 
-  g2 = g**2 if jnp.isrealobj(g) else (g.conj() * g).real
-  nu = (1 - b2) * g2 + b2 * nu_old
+  if frozen:
+    nu = nu_old
+  else:
+    g2 = g**2 if jnp.isrealobj(g) else (g.conj() * g).real
+    nu = (1 - b2) * g2 + b2 * nu_old
   if rule.nesterov:
     mu_hat = b1 * _bias_correct(mu, scalars.bc_mu_next) + (1 - b1) * _bias_correct(
         g, scalars.bc_mu

@@ -28,6 +28,13 @@ in slices (ZeRO) hands a jadam optimizer the object that updates them: its
 ``update(spec, decay_mask, updates, state, params)`` runs the rule on every
 device's slice."""
 
+EXCHANGE_ARG = "jadam_momentum_exchange"
+"""The extra argument by which a strategy that exchanges the first moment
+instead of the gradient (1-bit Adam's compression phase) takes part in a
+jadam optimizer's update: its ``exchange(spec, state, updates)`` returns the
+gradient whose moment update gives the exchanged moment, and the rule to run
+(with ``nu`` frozen)."""
+
 
 def _mask_target(params):
   # A mask is given the params' tree, also when the params arrive packed.
@@ -60,16 +67,20 @@ def _transformation(spec: _core.OptimizerSpec, layout: str) -> optax.GradientTra
       decay_mask = tuple(V.resolve_mask(fn, spec.mask, _mask_target(params)))
     slices = extra_args.get(SLICES_ARG)
     hp = spec.hyper()  # schedules are evaluated inside the update's jit
+    rule = spec.rule
+    exchange = extra_args.get(EXCHANGE_ARG)
+    if exchange is not None:
+      updates, rule = exchange.exchange(spec, inner, updates)
     if slices is not None:
       updates, inner = slices.update(spec, decay_mask, updates, inner, params)
     elif isinstance(updates, Packed):
-      updates, inner = _flat.packed_update(fn, spec.rule, hp, updates, inner, params,
+      updates, inner = _flat.packed_update(fn, rule, hp, updates, inner, params,
                                            decay_mask=decay_mask, scale_lr=scale_lr)
     elif layout == "flat":
-      updates, inner = _flat.flat_update(fn, spec.rule, hp, updates, inner, params,
+      updates, inner = _flat.flat_update(fn, rule, hp, updates, inner, params,
                                          decay_mask=decay_mask, scale_lr=scale_lr)
     else:
-      updates, inner = _core.tree_update(fn, spec.rule, hp, updates, inner, params,
+      updates, inner = _core.tree_update(fn, rule, hp, updates, inner, params,
                                          decay_mask=decay_mask, scale_lr=scale_lr)
     return updates, rebuild(inner)
 

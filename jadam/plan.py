@@ -1,5 +1,6 @@
 """``python -m jadam.plan``: memory per device of plain data parallelism,
-ZeRO stages 1 and 2 and FSDP, from :func:`jadam.memory_plan`.
+ZeRO stages 1 and 2, FSDP, 1-bit Adam and local steps, from
+:func:`jadam.memory_plan`.
 
 Examples::
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from ._plan import memory_plan
 
-STRATEGIES = ("plain", "zero1", "zero2", "fsdp")
+STRATEGIES = ("plain", "zero1", "zero2", "fsdp", "onebit", "local")
 
 
 def _tree(num_params: int, leaves: int, dtype) -> list:
@@ -127,7 +128,7 @@ def measure(num_params: int, devices, moments, accumulation_steps=(1, 4)) -> dic
   memory = []
   for moment in moments:
     mu, nu = _pair(moment)
-    for strategy in ("shard_map", "zero1", "zero2", "fsdp"):
+    for strategy in ("shard_map", "zero1", "zero2", "fsdp", "onebit", "local"):
       for n in devices:
         mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
         optimizer = jadam.adam(1e-3, mu_dtype=mu, nu_dtype=nu)
@@ -163,11 +164,18 @@ def measure(num_params: int, devices, moments, accumulation_steps=(1, 4)) -> dic
                                             strategy=strategy,
                                             accumulation_steps=k)
       params, opt_state = trainer.init(params0)
-      report = jadam.parallel.comm_report(trainer, params, opt_state, batch)
-      comm.append({"strategy": strategy, "devices": n, "accumulation_steps": k,
-                   "bytes_per_device": report.bytes_per_device,
-                   "bytes_per_param": round(report.bytes_per_device / count, 3),
-                   "by_kind": report.by_kind})
+      reports = {strategy: jadam.parallel.comm_report(trainer, params, opt_state, batch)}
+      if strategy == "onebit":  # the step after the warm-up: compressed
+        after = np.int32(jadam.parallel.OneBit().warmup_steps)
+        compressed = opt_state._replace(
+            count=jax.device_put(after, opt_state.count.sharding))
+        reports["onebit (compressed)"] = jadam.parallel.comm_report(
+            trainer, params, compressed, batch)
+      for name, report in reports.items():
+        comm.append({"strategy": name, "devices": n, "accumulation_steps": k,
+                     "bytes_per_device": report.bytes_per_device,
+                     "bytes_per_param": round(report.bytes_per_device / count, 3),
+                     "by_kind": report.by_kind})
       del params, opt_state
   return {"num_params": count, "memory": memory, "comm": comm}
 
@@ -197,7 +205,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m jadam.plan",
       description="Bytes per device of params, gradients and Adam state for "
-                  "plain data parallelism, ZeRO stages 1 and 2 and FSDP.")
+                  "plain data parallelism, ZeRO stages 1 and 2, FSDP, 1-bit Adam "
+                  "and local steps.")
   parser.add_argument("--params", type=float, default=1e9,
                       help="number of parameters (e.g. 7e9)")
   parser.add_argument("--leaves", type=int, default=1,

@@ -21,6 +21,18 @@ STEPS = 20
 GLOBAL_BATCH = 32  # 8 devices x 2 micro-batches x 2 rows
 ACCUMULATION_STEPS = 2
 LEARNING_RATE = 1e-2
+ONEBIT_WARMUP = 8  # "onebit": OneBit(warmup_steps=8) with jadam.adam
+
+
+def optimizer_and_strategy(strategy: str):
+  """The trainer's optimizer and ``strategy=`` for a strategy named on the
+  command line (1-bit Adam needs a jadam optimizer and a warm-up shorter
+  than the run)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  import jadam.parallel  # pylint: disable=g-import-not-at-top
+  if strategy == "onebit":
+    return jadam.adam(LEARNING_RATE), jadam.parallel.OneBit(ONEBIT_WARMUP)
+  return optax.adam(LEARNING_RATE), strategy
 
 
 def make_problem(steps: int = STEPS, batch: int = GLOBAL_BATCH):
@@ -99,8 +111,9 @@ def main(argv=None) -> int:
   rows = slice(args.process_id * share, (args.process_id + 1) * share)
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   for strategy in args.strategies:
+    optimizer, options = optimizer_and_strategy(strategy)
     trainer = jadam.parallel.DataParallel(
-        loss_fn, optax.adam(LEARNING_RATE), mesh, strategy=strategy,
+        loss_fn, optimizer, mesh, strategy=options,
         accumulation_steps=ACCUMULATION_STEPS)
     params, opt_state = trainer.init(params0)
     losses = []

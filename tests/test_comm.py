@@ -173,8 +173,9 @@ def expected_bytes(strategy: str, num_params: int, n: int, k: int,
   f = fractions.Fraction
   all_reduce = lambda b: f(2 * (n - 1), n) * b  # noqa: E731
   grads = num_params * grad_bytes
-  if strategy in ("shard_map", "pmap"):
-    # One pmean of (loss, grads) after the micro-batch loop.
+  if strategy in ("shard_map", "pmap", "onebit"):
+    # One pmean of (loss, grads) after the micro-batch loop (1-bit Adam's
+    # warm-up step is "shard_map"'s; its compressed step: test_onebit.py).
     return {"all-reduce": all_reduce(grads + loss_bytes)}
   if strategy == "jit":
     # GSPMD keeps the micro-batch accumulator replicated, so every

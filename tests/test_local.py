@@ -143,34 +143,3 @@ def test_named_strategy_and_bad_options():
     jadam.parallel.LocalSteps(inner_steps=0)
   with pytest.raises(ValueError, match=r"outer_optimizer=...\)` must be None or an optax"):
     jadam.parallel.LocalSteps(outer_optimizer="sgd")
-
-
-def test_two_processes_match_one_process():
-  # tests/_mp_worker.py trains its problem with strategy="local" (H=8,
-  # DiLoCo's outer step) on 2 processes x 4 devices: the same as 8 devices
-  # in this process.
-  import pathlib
-  import tempfile
-  import _mp_worker
-  import test_multiprocess as mp
-
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix="jadam-local-"))
-  mp.run_processes(mp.worker_commands(tmp, ["local"]), tmp)
-  params0, batches = _mp_worker.make_problem()
-  trainer = jadam.parallel.DataParallel(
-      _mp_worker.loss_fn, optax.adam(_mp_worker.LEARNING_RATE), mesh(), strategy="local",
-      accumulation_steps=_mp_worker.ACCUMULATION_STEPS)
-  params, state = trainer.init(params0)
-  losses = []
-  for batch in batches:
-    params, state, loss = trainer.step(params, state, batch)
-    losses.append(float(loss))
-  params, state = trainer.gather((params, state))
-  want = {"losses": np.array(losses), **_mp_worker.flatten("params", params),
-          **_mp_worker.flatten("mu", optax.tree.get(state, "mu")),
-          **_mp_worker.flatten("nu", optax.tree.get(state, "nu"))}
-  for process in range(2):
-    with np.load(tmp / f"local-{process}.npz") as f:
-      got = dict(f)
-    chex.assert_trees_all_close(got, want, rtol=RTOL, atol=ATOL,
-                                custom_message=f"process {process}")

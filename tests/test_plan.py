@@ -176,8 +176,9 @@ def test_measure():
   assert result["num_params"] == 70 * 71
   assert all(r["matches_plan"] for r in result["memory"])
   comm = {r["strategy"]: r["bytes_per_device"] for r in result["comm"]}
-  assert set(comm) == set(jadam.parallel.available_strategies())
-  for strategy in ("zero1", "zero2"):
+  assert set(comm) == {*jadam.parallel.available_strategies(), "onebit (compressed)"}
+  for strategy in ("zero1", "zero2", "onebit"):  # onebit: the warm-up step
     assert abs(comm[strategy] / comm["shard_map"] - 1) < 0.05
+  assert comm["onebit (compressed)"] <= comm["shard_map"] / 16
   text = plan_cli.format_comm(result["comm"], result["num_params"], markdown=True)
   assert "| zero2 | 8 | 1 |" in text

@@ -52,6 +52,7 @@ MARKERS = {
     "multi-process": "jax.distributed.initialize(",
     "zero": 'strategy="zero1")',
     "fsdp": 'strategy="fsdp")',
+    "onebit": "strategy=jadam.parallel.OneBit(warmup_steps=2000))",
     "model parallel": 'mesh = jax.make_mesh((4, 2), ("data", "model"))',
     "memory plan": "plan = jadam.memory_plan(",
     "checkpoint": "ckpt = jadam.checkpoint.Checkpointer(",
@@ -406,6 +407,18 @@ def test_fsdp_block():
   # (8, 1) too; nothing that 8 divides is replicated.
   for leaf in jax.tree.leaves((params, opt_state[0].mu, opt_state[0].nu)):
     assert leaf.addressable_shards[0].data.size * NUM_DEVICES == leaf.size
+
+
+@needs_devices
+def test_onebit_block():
+  # The block builds the trainer; its first 2000 steps (the warm-up) are
+  # exact Adam: one step equals one device's.
+  namespace = run_block("onebit", problem())
+  trainer = namespace["trainer"]
+  assert trainer.strategy == "onebit"
+  params, opt_state = trainer.init(namespace["params"])
+  params, opt_state, _ = trainer.step(params, opt_state, namespace["batch"])
+  assert_matches(trainer, params, opt_state, optax.adamw(3e-4), "onebit")
 
 
 @needs_devices

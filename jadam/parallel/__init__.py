@@ -1,7 +1,9 @@
 """Data-parallel training: one trainer over ``pmap``, ``shard_map``, ``jit``
 ZeRO (``"zero1"``, ``"zero2"``: optimizer state sharded over the data
-axis), FSDP (``"fsdp"``: params, gradients and state sharded) and local
-steps (``LocalSteps(inner_steps=H)``, DiLoCo), on one process or many (``jax.distributed``); :func:`comm_bytes`
+axis), FSDP (``"fsdp"``: params, gradients and state sharded), 1-bit Adam
+(``OneBit(warmup_steps=W)``: compressed momentum after a warm-up) and local
+steps (``LocalSteps(inner_steps=H)``, DiLoCo), on one process or many
+(``jax.distributed``); :func:`comm_bytes`
 reads the bytes a step sends from its compiled HLO.
 
 Usage::
@@ -23,6 +25,8 @@ from . import _zero  # noqa: F401  (registers the "zero1" and "zero2" strategies
 from . import _fsdp  # noqa: F401  (registers the "fsdp" strategy)
 from ._local import LocalSteps as LocalSteps
 from ._local import LocalStepsState as LocalStepsState
+from ._onebit import OneBit as OneBit
+from ._onebit import OneBitState as OneBitState
 from ._comm import CommReport as CommReport
 from ._comm import comm_bytes as comm_bytes
 from ._comm import comm_report as comm_report

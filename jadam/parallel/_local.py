@@ -27,16 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ._common import PyTree
 from ._common import apply_optimizer
 from ._common import mean_loss_and_grads
-from ._common import put_params
 from ._common import register_strategy
 from ._common import split_local
-from ._strategies import _Replicated
+from ._strategies import _OwnState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +89,7 @@ class LocalStepsState(NamedTuple):
 
 
 @register_strategy("local")
-class LocalStepsStrategy(_Replicated):
+class LocalStepsStrategy(_OwnState):
   """``H`` local steps per replica, then one averaged outer step."""
 
   # Collectives under the step's conditional (the outer step) run once every
@@ -104,45 +102,20 @@ class LocalStepsStrategy(_Replicated):
   def options(self) -> LocalSteps:
     return self.config.options or LocalSteps()
 
-  def _split(self) -> NamedSharding:
-    return NamedSharding(self.sharding_mesh(), P(self.config.axis_name))
-
-  def _stack(self, x):
-    n = self.config.num_shards
-    return jnp.broadcast_to(x, (n,) + jnp.shape(x))
-
   def _initial(self, params) -> LocalStepsState:
     """The state ``init`` makes: every replica the params, a fresh inner state
     each, the outer optimizer's state."""
-    stack = lambda tree: jax.tree.map(self._stack, tree)
+    stack = lambda tree: jax.tree.map(self.per_device_copies, tree)
     return LocalStepsState(jnp.zeros([], jnp.int32), stack(params),
                            stack(self.config.optimizer.init(params)),
                            self.options.outer().init(params))
 
   def _state_shardings(self, state) -> LocalStepsState:
-    split, replicated = self._split(), self.replicated()
+    split, replicated = self.split(), self.replicated()
     return LocalStepsState(
         replicated, jax.tree.map(lambda _: split, state.replicas),
         jax.tree.map(lambda _: split, state.inner),
         jax.tree.map(lambda _: replicated, state.outer))
-
-  def init(self, params):
-    replicated = self.replicated()
-    params = jax.tree.map(lambda x: put_params(x, replicated), params)
-    shardings = self._state_shardings(jax.eval_shape(self._initial, params))
-    with jax.set_mesh(self.context_mesh()):
-      state = jax.jit(self._initial, out_shardings=shardings)(params)
-    return params, state
-
-  def abstract_state(self, params):
-    """``(params, opt_state)`` as ``init`` makes them (``ShapeDtypeStruct``)."""
-    bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
-                        params)
-    state = jax.eval_shape(self._initial, bare)
-    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    replicated = self.replicated()
-    return (jax.tree.map(lambda x: place(x, replicated), bare),
-            jax.tree.map(place, state, self._state_shardings(state)))
 
   def build_step(self):
     config = self.config

@@ -67,6 +67,44 @@ class _Replicated(Strategy):
     return jax.tree.map(to_host, tree)
 
 
+class _OwnState(_Replicated):
+  """Replicated params and an optimizer state of the strategy's own (local
+  steps, 1-bit Adam): ``_initial(params)`` makes it, ``_state_shardings``
+  places it; arrays with one row per device are split over the data axis."""
+
+  def split(self) -> NamedSharding:
+    """One row per data-axis device."""
+    return NamedSharding(self.sharding_mesh(), P(self.config.axis_name))
+
+  def per_device_copies(self, x) -> jax.Array:
+    """``x`` repeated along a new leading axis, one row per device."""
+    return jnp.broadcast_to(x, (self.config.num_shards,) + jnp.shape(x))
+
+  def _initial(self, params):
+    raise NotImplementedError
+
+  def _state_shardings(self, state):
+    raise NotImplementedError
+
+  def init(self, params):
+    replicated = self.replicated()
+    params = jax.tree.map(lambda x: put_params(x, replicated), params)
+    shardings = self._state_shardings(jax.eval_shape(self._initial, params))
+    with jax.set_mesh(self.context_mesh()):
+      state = jax.jit(self._initial, out_shardings=shardings)(params)
+    return params, state
+
+  def abstract_state(self, params):
+    """``(params, opt_state)`` as ``init`` makes them (``ShapeDtypeStruct``)."""
+    bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
+                        params)
+    state = jax.eval_shape(self._initial, bare)
+    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    replicated = self.replicated()
+    return (jax.tree.map(lambda x: place(x, replicated), bare),
+            jax.tree.map(place, state, self._state_shardings(state)))
+
+
 @register_strategy("shard_map")
 class ShardMapStrategy(_Replicated):
   """``jax.shard_map`` over the mesh; each device computes the mean gradient

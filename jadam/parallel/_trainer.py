@@ -44,6 +44,15 @@ class DataParallel:
     state sharded flat over the data axis, ``1/N`` per device; the step
     reduce-scatters the gradient, updates each device's slice and
     all-gathers the params (``jadam/parallel/_zero.py``).
+  * ``"fsdp"``: params, gradients and state all sharded over the data axis.
+
+  And two that trade exactness for fewer bytes on the wire:
+
+  * ``OneBit(warmup_steps=W)`` (``"onebit"``: ``W = 1000``; a jadam
+    optimizer): 1-bit Adam, exact for ``W`` steps, then the momentum is
+    exchanged as packed signs with error feedback and ``nu`` is frozen.
+  * ``LocalSteps(inner_steps=H, outer_optimizer=...)`` (``"local"``:
+    ``H = 8``): DiLoCo, ``H`` steps per replica, then one averaged outer step.
 
   Params and optimizer state passed to :meth:`step` are donated: use the
   returned ones. The step is compiled once per trainer and reused.
@@ -100,8 +109,9 @@ class DataParallel:
         axis types may be ``Explicit`` (``jax.make_mesh``'s default) or
         ``Auto``.
       strategy: one of :func:`available_strategies`: ``"shard_map"``,
-        ``"jit"``, ``"pmap"``, ``"zero1"``, ``"zero2"``, ``"fsdp"`` or
-        ``"local"``; or a strategy object with options,
+        ``"jit"``, ``"pmap"``, ``"zero1"``, ``"zero2"``, ``"fsdp"``,
+        ``"onebit"`` or ``"local"``; or a strategy object with options,
+        ``jadam.parallel.OneBit(warmup_steps=W)`` or
         ``jadam.parallel.LocalSteps(inner_steps=H, outer_optimizer=...)``.
       axis_name: the mesh axis the batch is split over; params and state are
         replicated over every axis (ZeRO: the state is split over it, and
