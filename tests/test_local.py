@@ -19,6 +19,7 @@ import jadam.parallel
 from test_parallel import init_params
 from test_parallel import make_batches
 from test_parallel import mse
+from test_parallel import run_trainer
 
 N = 8
 RTOL = 1e-5
@@ -36,12 +37,7 @@ def mesh():
 
 def run(inner, options, steps):
   trainer = jadam.parallel.DataParallel(mse, inner, mesh(), strategy=options)
-  params, state = trainer.init(init_params())
-  losses = []
-  for batch in make_batches(steps):
-    params, state, loss = trainer.step(params, state, batch)
-    losses.append(float(loss))
-  return trainer, params, state, losses
+  return (trainer, *run_trainer(trainer, steps))
 
 
 def simulate(inner, outer, h, steps):

@@ -22,6 +22,7 @@ from jadam.parallel import _sign_exchange as sx
 from test_parallel import init_params
 from test_parallel import make_batches
 from test_parallel import mse
+from test_parallel import run_trainer
 
 N = 8
 WARMUP = 4
@@ -41,12 +42,7 @@ def mesh():
 def run(optimizer, strategy, steps=STEPS, *, layout="tree"):
   trainer = jadam.parallel.DataParallel(mse, optimizer, mesh(), strategy=strategy,
                                         layout=layout)
-  params, state = trainer.init(init_params())
-  losses = []
-  for batch in make_batches(steps):
-    params, state, loss = trainer.step(params, state, batch)
-    losses.append(float(loss))
-  return trainer, params, state, losses
+  return (trainer, *run_trainer(trainer, steps))
 
 
 # ------------------------------------------------------------ NumPy reference
@@ -187,7 +183,7 @@ def test_warmup_is_shard_map_bit_for_bit():
     ref_losses.append(float(loss))
   chex.assert_trees_all_equal(ref.gather((ref_params, ref_state)),
                               ref.gather((params, state.inner)))
-  assert losses == ref_losses
+  assert list(losses) == ref_losses
   assert not np.any(np.asarray(state.worker_error))
 
 
