@@ -122,7 +122,9 @@ def tree_update(
     scale_lr: multiply by ``-learning_rate`` (False for ``scale_by_adam``).
 
   Returns:
-    ``(updates, new_state)``, or ``(new_params, new_state)`` with ``apply``.
+    ``(updates, new_state, finite)``, or ``(new_params, new_state, finite)``
+    with ``apply``; ``finite`` (with ``rule.skip_nonfinite``) says whether the
+    step was taken, else it is ``None``.
   """
   check_state(fn, rule, state)
   V.check_same_structure("grads", grads, "state.mu", _quant.as_arrays(state.mu))
@@ -145,8 +147,8 @@ def _tree_body(static, hp, grads, state, params):
   live = [i for i, g in enumerate(g_flat) if g is not None]
   chunks = [_update.Chunk(g_flat[i], tuple(m[i] for m in moments_flat), p_flat[i],
                           _segments.WHOLE, (decay_mask[i],)) for i in live]
-  count_inc, results = _update.update_chunks(rule, hp, state.count, chunks,
-                                             use_wd=use_wd, scale_lr=scale_lr)
+  count_inc, results, finite = _update.update_chunks(rule, hp, state.count, chunks,
+                                                     use_wd=use_wd, scale_lr=scale_lr)
   out = [None] * len(g_flat)
   new_moments = [[None] * len(g_flat) for _ in rule.moment_names]
   for i, (u, moms) in zip(live, results):
@@ -155,7 +157,7 @@ def _tree_body(static, hp, grads, state, params):
     for nm, m in zip(new_moments, moms):
       nm[i] = m
   new_state = state_class(rule)(count_inc, *(treedef.unflatten(m) for m in new_moments))
-  return treedef.unflatten(out), new_state
+  return treedef.unflatten(out), new_state, finite
 
 
 # ---------------------------------------------------------------- public API
@@ -201,6 +203,13 @@ def _functional_hyper(fn, learning_rate, b1, b2, eps, eps_root, weight_decay):
   return spec.hyper()
 
 
+def _functional_rule(fn: str, nesterov, skip_nonfinite) -> _rule.Rule:
+  if not isinstance(skip_nonfinite, (bool, np.bool_)):
+    raise ValueError(f"`{fn}(skip_nonfinite=...)` must be True or False, "
+                     f"got {skip_nonfinite!r}")
+  return _rule.Rule("adam", nesterov=bool(nesterov), skip_nonfinite=bool(skip_nonfinite))
+
+
 def update(
     grads,
     state: AdamState,
@@ -213,6 +222,7 @@ def update(
     eps_root=0.0,
     weight_decay=0.0,
     nesterov: bool = False,
+    skip_nonfinite: bool = False,
 ):
   r"""One Adam(W) step: returns the updates (to add to the params) and the new state.
 
@@ -238,6 +248,9 @@ def update(
     eps_root: added inside the square root (>= 0).
     weight_decay: decoupled weight decay :math:`\lambda` (AdamW).
     nesterov: use Nesterov momentum (NAdam).
+    skip_nonfinite: if the gradient holds a NaN or an inf, skip the step:
+      zero updates and the state as it was (``new_state.count ==
+      state.count`` tells a skipped step).
 
   Returns:
     ``(updates, new_state)``.
@@ -256,9 +269,8 @@ def update(
   .. seealso:: :func:`jadam.step`, :func:`jadam.adam`.
   """
   hp = _functional_hyper("jadam.update", learning_rate, b1, b2, eps, eps_root, weight_decay)
-  return tree_update(
-      "jadam.update", _rule.Rule("adam", nesterov=bool(nesterov)), hp, grads, state, params
-  )
+  rule = _functional_rule("jadam.update", nesterov, skip_nonfinite)
+  return tree_update("jadam.update", rule, hp, grads, state, params)[:2]
 
 
 def step(
@@ -273,11 +285,14 @@ def step(
     eps_root=0.0,
     weight_decay=0.0,
     nesterov: bool = False,
+    skip_nonfinite: bool = False,
 ):
   """One Adam(W) step, update and apply in one pass: ``(new_params, new_state)``.
 
   Same arguments as :func:`jadam.update`; ``params`` is required. The new
-  params are rounded once to their dtype (``p + u`` is computed in float32).
+  params are rounded once to their dtype (``p + u`` is computed in float32);
+  with ``skip_nonfinite`` a step on a gradient with a NaN or inf returns the
+  params and state as they were.
 
   To donate, jit a train step whose donated arguments come in the order of
   the outputs, ``(params, state)`` (as below and in the README); donating
@@ -292,7 +307,5 @@ def step(
     >>> params, state = jax.jit(jadam.step)(grads, state, params)
   """
   hp = _functional_hyper("jadam.step", learning_rate, b1, b2, eps, eps_root, weight_decay)
-  return tree_update(
-      "jadam.step", _rule.Rule("adam", nesterov=bool(nesterov)), hp, grads, state, params,
-      apply=True,
-  )
+  rule = _functional_rule("jadam.step", nesterov, skip_nonfinite)
+  return tree_update("jadam.step", rule, hp, grads, state, params, apply=True)[:2]

@@ -149,7 +149,8 @@ def flat_update(
     scale_lr: multiply by ``-learning_rate`` (False for ``scale_by_adam``).
 
   Returns:
-    ``(updates, new_state)``: updates as a tree, the state still packed.
+    ``(updates, new_state, finite)``: updates as a tree, the state still
+    packed, and (with ``rule.skip_nonfinite``) whether the step was taken.
   """
   layout = state_layout(fn, rule, state).for_tree(
       f"{fn}(updates=...)", grads, "the state's flat layout")
@@ -198,11 +199,12 @@ def _buffers_step(static, hp, count, g_packed, moments, p_packed):
           _segments.BufferSegments(layout, b.key), tuple(decay_mask[i] for i in b.leaves))
       for b in layout.buffers
   ]
-  count_inc, results = _update.update_chunks(rule, hp, count, chunks,
-                                             use_wd=use_wd, scale_lr=scale_lr)
+  count_inc, results, finite = _update.update_chunks(rule, hp, count, chunks,
+                                                     use_wd=use_wd, scale_lr=scale_lr)
   new_moments = [Packed(layout, {b.key: moms[j] for b, (_, moms) in zip(layout.buffers, results)})
                  for j in range(len(rule.moment_names))]
-  return count_inc, {b.key: u for b, (u, _) in zip(layout.buffers, results)}, new_moments
+  return (count_inc, {b.key: u for b, (u, _) in zip(layout.buffers, results)}, new_moments,
+          finite)
 
 
 def _flat_body(static, hp, grads, state, params):
@@ -212,7 +214,8 @@ def _flat_body(static, hp, grads, state, params):
   # packs them (one fewer copy of every leaf per step).
   p_packed = layout.pack(params) if has_params and (use_wd or rule.trust_ratio) else None
   moments = [getattr(state, n) for n in rule.moment_names]
-  count_inc, out, new_moments = _buffers_step(static, hp, state.count, g_packed, moments, p_packed)
+  count_inc, out, new_moments, finite = _buffers_step(static, hp, state.count, g_packed,
+                                                      moments, p_packed)
   # The tree form returns updates in the params' dtypes (else the gradients').
   updates = layout.unpack({
       b.key: _update.finish(u, None, b.dtype if has_params else g_packed[b.key].dtype, None)
@@ -221,13 +224,14 @@ def _flat_body(static, hp, grads, state, params):
     updates = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), updates, grads)
   # Each update leaf sharded like its param (or gradient) on an Explicit mesh.
   updates = jax.tree.map(like_sharding, updates, params if has_params else grads)
-  return updates, _core.state_class(rule)(count_inc, *new_moments)
+  return updates, _core.state_class(rule)(count_inc, *new_moments), finite
 
 
 def _packed_body(static, hp, grads, state, params):
   rule, layout = static[:2]
   moments = [getattr(state, n) for n in rule.moment_names]
-  count_inc, out, new_moments = _buffers_step(static, hp, state.count, grads, moments, params)
+  count_inc, out, new_moments, finite = _buffers_step(static, hp, state.count, grads, moments,
+                                                      params)
   ref = params if params is not None else grads
   updates = Packed(layout, {k: _update.finish(u, None, ref[k].dtype, None) for k, u in out.items()})
-  return updates, _core.state_class(rule)(count_inc, *new_moments)
+  return updates, _core.state_class(rule)(count_inc, *new_moments), finite

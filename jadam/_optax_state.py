@@ -65,7 +65,14 @@ def init(spec: _core.OptimizerSpec, tree_params, inner) -> object:
       return type(node)(inner.count, *(getattr(inner, n) for n in spec.rule.moment_names))
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), node)
 
-  return jax.tree.map(fill, template, is_leaf=lambda x: isinstance(x, _MOMENT_NODES))
+  state = jax.tree.map(fill, template, is_leaf=lambda x: isinstance(x, _MOMENT_NODES))
+  if not spec.rule.skip_nonfinite:
+    return state
+  # optax.apply_if_finite(optax.X(...), max_consecutive_errors)'s own state.
+  # (Separate arrays: a donated state must not hold one buffer twice.)
+  return optax.ApplyIfFiniteState(
+      notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True),
+      total_notfinite=jnp.zeros([], jnp.int32), inner_state=state)
 
 
 def _moments_index(fn: str, state) -> int | None:
@@ -82,7 +89,30 @@ def _moments_index(fn: str, state) -> int | None:
 
 def split(fn: str, rule: _rule.Rule, state):
   """``(inner, rebuild)``: jadam's state taken out of optax's tree, and a
-  function that puts a new one back (advancing optax's other counters)."""
+  function ``rebuild(new_inner, finite)`` that puts a new one back (advancing
+  optax's other counters; with ``rule.skip_nonfinite``, only if ``finite``,
+  and counting the skipped steps as ``optax.apply_if_finite`` does)."""
+  if not rule.skip_nonfinite:
+    return _split(fn, rule, state)
+  if not isinstance(state, optax.ApplyIfFiniteState):
+    raise ValueError(
+        f"`{fn}(..., skip_nonfinite=True)` keeps optax.apply_if_finite's state "
+        f"(optax.ApplyIfFiniteState, from its own init), got {type(state).__name__}")
+  inner, rebuild_inner = _split(fn, rule, state.inner_state)
+
+  def rebuild(new_inner, finite):
+    bump = _rule.safe_increment
+    return optax.ApplyIfFiniteState(
+        notfinite_count=jnp.where(finite, jnp.zeros_like(state.notfinite_count),
+                                  bump(state.notfinite_count)),
+        last_finite=finite,
+        total_notfinite=jnp.where(finite, state.total_notfinite, bump(state.total_notfinite)),
+        inner_state=rebuild_inner(new_inner, finite))
+
+  return inner, rebuild
+
+
+def _split(fn: str, rule: _rule.Rule, state):
   index = _moments_index(fn, state)
   node = state if index is None else state[index]
   want = optax.ScaleByAmsgradState if rule.kind == "amsgrad" else optax.ScaleByAdamState
@@ -92,13 +122,15 @@ def split(fn: str, rule: _rule.Rule, state):
         f"got {type(node).__name__}")
   inner = _core.state_class(rule)(node.count, *(getattr(node, n) for n in rule.moment_names))
 
-  def rebuild(new_inner):
+  def rebuild(new_inner, finite=None):
     new_node = type(node)(new_inner.count, *(getattr(new_inner, n) for n in rule.moment_names))
     if index is None:
       return new_node
     # optax's other parts are step counters (schedules, masked weight decay):
-    # each update advances them, as optax's own updates do.
-    rest = jax.tree.map(_rule.safe_increment, state[1:])
-    return (new_node,) + tuple(rest)
+    # each update advances them, as optax's own updates do (a skipped one not).
+    step = _rule.safe_increment
+    if finite is not None:
+      step = lambda c: jnp.where(finite, _rule.safe_increment(c), c)  # noqa: E731
+    return (new_node,) + tuple(jax.tree.map(step, state[1:]))
 
   return inner, rebuild

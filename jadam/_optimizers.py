@@ -2,7 +2,7 @@
 
 Each function has exactly the arguments and defaults of the optax function of
 the same name, plus jadam's keyword-only extras (``mu_dtype``/``nu_dtype``
-where optax lacks them, ``layout``), and returns an
+where optax lacks them, ``layout``, ``skip_nonfinite``), and returns an
 ``optax.GradientTransformation`` usable in ``optax.chain``, Flax's
 ``TrainState`` and ``nnx.Optimizer``.
 """
@@ -33,6 +33,7 @@ def scale_by_adam(
     nesterov: bool = False,
     nu_dtype: Any = None,
     layout: str = "tree",
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Adam's rule (no learning rate): ``optax.scale_by_adam``.
 
@@ -52,6 +53,9 @@ def scale_by_adam(
       format: ``"q8"``, or ``"q4"`` (4-bit, rank-1 normalized over a
       matrix's rows and columns, a linear map without zero).
     layout: ``"tree"`` (optax's state layout) or ``"flat"`` (packed state).
+    skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
+      zero updates, params and moments unchanged, the count not advanced;
+      the state is then ``optax.apply_if_finite``'s, with its counters.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -69,6 +73,7 @@ def scale_by_adam(
           eps_root, 0.0, None, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
       ),
       layout,
+      skip_nonfinite,
   )
 
 
@@ -83,6 +88,7 @@ def adam(
     nesterov: bool = False,
     nu_dtype: Any = None,
     layout: str = "tree",
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Adam optimizer, interchangeable with ``optax.adam``.
 
@@ -104,6 +110,9 @@ def adam(
     nesterov: use Nesterov momentum (NAdam).
     nu_dtype: dtype of the second moment (jadam extra; default: the params').
     layout: ``"tree"`` (optax's state layout) or ``"flat"`` (packed state).
+    skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
+      zero updates, params and moments unchanged, the count not advanced;
+      the state is then ``optax.apply_if_finite``'s, with its counters.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is ``optax.adam``'s own
@@ -125,6 +134,7 @@ def adam(
           eps_root, 0.0, None, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
       ),
       layout,
+      skip_nonfinite,
   )
 
 
@@ -139,6 +149,7 @@ def nadam(
     nesterov: bool = True,
     nu_dtype: Any = None,
     layout: str = "tree",
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """NAdam: Adam with Nesterov momentum, interchangeable with ``optax.nadam``.
 
@@ -153,6 +164,7 @@ def nadam(
           eps_root, 0.0, None, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
       ),
       layout,
+      skip_nonfinite,
   )
 
 
@@ -169,6 +181,7 @@ def adamw(
     nesterov: bool = False,
     nu_dtype: Any = None,
     layout: str = "tree",
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with decoupled weight decay, interchangeable with ``optax.adamw``.
 
@@ -183,6 +196,9 @@ def adamw(
     nesterov: use Nesterov momentum (NAdamW).
     nu_dtype: dtype of the second moment (jadam extra).
     layout: ``"tree"`` or ``"flat"``.
+    skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
+      zero updates, params and moments unchanged, the count not advanced;
+      the state is then ``optax.apply_if_finite``'s, with its counters.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -200,6 +216,7 @@ def adamw(
           eps_root, weight_decay, mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
       ),
       layout,
+      skip_nonfinite,
   )
 
 
@@ -216,6 +233,7 @@ def nadamw(
     nesterov: bool = True,
     nu_dtype: Any = None,
     layout: str = "tree",
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """NAdamW: AdamW with Nesterov momentum, interchangeable with ``optax.nadamw``.
 
@@ -227,6 +245,7 @@ def nadamw(
           eps_root, weight_decay, mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
       ),
       layout,
+      skip_nonfinite,
   )
 
 
@@ -242,6 +261,7 @@ def amsgrad(
     *,
     nu_dtype: Any = None,
     layout: str = "tree",
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """AMSGrad: Adam with a running maximum of ``nu``, as ``optax.amsgrad``.
 
@@ -251,6 +271,9 @@ def amsgrad(
     bias_correction_nu: bias-correct the second moment (before the maximum).
     nu_dtype: dtype of ``nu`` and ``nu_max`` (jadam extra).
     layout: ``"tree"`` or ``"flat"``.
+    skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
+      zero updates, params and moments unchanged, the count not advanced;
+      the state is then ``optax.apply_if_finite``'s, with its counters.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is ``optax.amsgrad``'s own
@@ -268,6 +291,7 @@ def amsgrad(
           mu_dtype=mu_dtype, nu_dtype=nu_dtype,
       ),
       layout,
+      skip_nonfinite,
   )
 
 
@@ -280,6 +304,7 @@ def adamax(
     mu_dtype: Optional[Any] = None,
     nu_dtype: Any = None,
     layout: str = "tree",
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adamax (Adam with the infinity norm), as ``optax.adamax``.
 
@@ -290,6 +315,9 @@ def adamax(
     learning_rate, b1, b2, eps: as :func:`jadam.adam`.
     mu_dtype, nu_dtype: moment dtypes (jadam extras).
     layout: ``"tree"`` or ``"flat"``.
+    skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
+      zero updates, params and moments unchanged, the count not advanced;
+      the state is then ``optax.apply_if_finite``'s, with its counters.
 
   References:
     Kingma & Ba, 2014, https://arxiv.org/abs/1412.6980 (section 7)
@@ -300,6 +328,7 @@ def adamax(
           mu_dtype=mu_dtype, nu_dtype=nu_dtype,
       ),
       layout,
+      skip_nonfinite,
   )
 
 
@@ -314,6 +343,7 @@ def adamaxw(
     mu_dtype: Optional[Any] = None,
     nu_dtype: Any = None,
     layout: str = "tree",
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Adamax with decoupled weight decay, as ``optax.adamaxw``.
 
@@ -326,6 +356,7 @@ def adamaxw(
           weight_decay, mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
       ),
       layout,
+      skip_nonfinite,
   )
 
 
@@ -341,6 +372,7 @@ def radam(
     mu_dtype: Optional[Any] = None,
     nu_dtype: Any = None,
     layout: str = "tree",
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Rectified Adam, as ``optax.radam``.
 
@@ -350,6 +382,9 @@ def radam(
     nesterov: use Nesterov momentum.
     mu_dtype, nu_dtype: moment dtypes (jadam extras).
     layout: ``"tree"`` or ``"flat"``.
+    skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
+      zero updates, params and moments unchanged, the count not advanced;
+      the state is then ``optax.apply_if_finite``'s, with its counters.
 
   References:
     Liu et al., 2020, https://arxiv.org/abs/1908.03265
@@ -360,6 +395,7 @@ def radam(
           eps_root, 0.0, None, threshold=threshold, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
       ),
       layout,
+      skip_nonfinite,
   )
 
 
@@ -375,6 +411,7 @@ def lamb(
     mu_dtype: Optional[Any] = None,
     nu_dtype: Any = None,
     layout: str = "tree",
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """LAMB: AdamW scaled per parameter by the trust ratio ``|p| / |u|``, as ``optax.lamb``.
 
@@ -383,6 +420,9 @@ def lamb(
     weight_decay, mask: as :func:`jadam.adamw`.
     mu_dtype, nu_dtype: moment dtypes (jadam extras).
     layout: ``"tree"`` or ``"flat"`` (per-parameter norms by segment sums).
+    skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
+      zero updates, params and moments unchanged, the count not advanced;
+      the state is then ``optax.apply_if_finite``'s, with its counters.
 
   References:
     You et al., 2020, https://arxiv.org/abs/1904.00962
@@ -393,4 +433,5 @@ def lamb(
           eps_root, weight_decay, mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
       ),
       layout,
+      skip_nonfinite,
   )

@@ -45,6 +45,8 @@ class Rule:
       ``nu`` froze (1-bit Adam's compression phase): ``nu`` (and ``nu_max``)
       keep their values, and ``nu``'s bias correction and RAdam's
       rectification stay those of that step.
+    skip_nonfinite: a step whose gradient holds a NaN or an inf changes
+      nothing: zero updates, the moments and the count as they were.
   """
 
   kind: str = "adam"
@@ -53,6 +55,7 @@ class Rule:
   bias_correction_nu: bool = True
   trust_ratio: bool = False
   nu_frozen_at: int = 0
+  skip_nonfinite: bool = False
 
   def __post_init__(self):
     if self.kind not in KINDS:

@@ -8,6 +8,9 @@ strategy's object passed as the extra argument :data:`SLICES_ARG`).
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import optax
 
 from . import _compose
@@ -72,25 +75,30 @@ def _transformation(spec: _core.OptimizerSpec, layout: str) -> optax.GradientTra
     if exchange is not None:
       updates, rule = exchange.exchange(spec, inner, updates)
     if slices is not None:
-      updates, inner = slices.update(spec, decay_mask, updates, inner, params)
+      updates, inner, finite = slices.update(spec, decay_mask, updates, inner, params)
     elif isinstance(updates, Packed):
-      updates, inner = _flat.packed_update(fn, rule, hp, updates, inner, params,
-                                           decay_mask=decay_mask, scale_lr=scale_lr)
+      updates, inner, finite = _flat.packed_update(
+          fn, rule, hp, updates, inner, params, decay_mask=decay_mask, scale_lr=scale_lr)
     elif layout == "flat":
-      updates, inner = _flat.flat_update(fn, rule, hp, updates, inner, params,
-                                         decay_mask=decay_mask, scale_lr=scale_lr)
+      updates, inner, finite = _flat.flat_update(
+          fn, rule, hp, updates, inner, params, decay_mask=decay_mask, scale_lr=scale_lr)
     else:
-      updates, inner = _core.tree_update(fn, rule, hp, updates, inner, params,
-                                         decay_mask=decay_mask, scale_lr=scale_lr)
-    return updates, rebuild(inner)
+      updates, inner, finite = _core.tree_update(
+          fn, rule, hp, updates, inner, params, decay_mask=decay_mask, scale_lr=scale_lr)
+    return updates, rebuild(inner, finite)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def build(spec: _core.OptimizerSpec, layout: str) -> optax.GradientTransformationExtraArgs:
+def build(spec: _core.OptimizerSpec, layout: str,
+          skip_nonfinite: bool = False) -> optax.GradientTransformationExtraArgs:
   spec.validate()
   V.check_choice(spec.name, "layout", layout, LAYOUTS)
+  if not isinstance(skip_nonfinite, (bool, np.bool_)):
+    raise ValueError(f"`{spec.name}(skip_nonfinite=...)` must be True or False, "
+                     f"got {skip_nonfinite!r}")
   spec = spec._replace(
+      rule=dataclasses.replace(spec.rule, skip_nonfinite=bool(skip_nonfinite)),
       mu_dtype=_quant.resolve(spec.name, "mu_dtype", spec.mu_dtype),
       nu_dtype=_quant.resolve(spec.name, "nu_dtype", spec.nu_dtype),
   )

@@ -78,8 +78,14 @@ def apply_rule(rule: _rule.Rule, hp: _rule.Hyper, scalars: _rule.StepScalars, ch
   return direction, moments
 
 
+def all_finite(grads) -> jax.Array:
+  """Whether every element of ``grads`` (arrays) is finite: a bool scalar."""
+  flags = [jnp.all(jnp.isfinite(g)) for g in grads]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
 def update_chunks(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunks, *,
-                  use_wd: bool, scale_lr: bool):
+                  use_wd: bool, scale_lr: bool, finite=None):
   """One step of ``rule`` over ``chunks``.
 
   Args:
@@ -89,16 +95,30 @@ def update_chunks(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunks, *
     chunks: :class:`Chunk` s.
     use_wd: whether weight decay applies at all (static).
     scale_lr: multiply by ``-learning_rate`` (False for ``scale_by_adam``).
+    finite: with ``rule.skip_nonfinite``, whether the whole gradient is
+      finite (a bool scalar; a caller that holds only a slice of it reduces
+      the flag over the devices first); ``None``: read from the chunks.
 
   Returns:
-    ``(count + 1, [(update, new_moments) per chunk])``; updates are in the
-    compute dtype (see :func:`finish`), moments in their stored dtypes.
+    ``(count + 1, [(update, new_moments) per chunk], finite)``; updates are in
+    the compute dtype (see :func:`finish`), moments in their stored dtypes.
+    With ``rule.skip_nonfinite`` and a gradient that is not finite: zero
+    updates, the moments as they were and ``count`` (selected inside the same
+    elementwise pass); ``finite`` is ``None`` without ``skip_nonfinite``.
   """
   hp = evaluate_schedules(hp, count)
   count_inc = _rule.safe_increment(count)
   scalars = _rule.step_scalars(rule, hp, count_inc)
-  return count_inc, [apply_rule(rule, hp, scalars, c, use_wd=use_wd, scale_lr=scale_lr)
-                     for c in chunks]
+  results = [apply_rule(rule, hp, scalars, c, use_wd=use_wd, scale_lr=scale_lr)
+             for c in chunks]
+  if not rule.skip_nonfinite:
+    return count_inc, results, None
+  if finite is None:
+    finite = all_finite([c.grad for c in chunks])
+  keep = lambda new, old: jnp.where(finite, new, old)
+  results = [(jnp.where(finite, u, jnp.zeros_like(u)), jax.tree.map(keep, moms, c.moments))
+             for (u, moms), c in zip(results, chunks)]
+  return keep(count_inc, count), results, finite
 
 
 def finish(u: jax.Array, param, dtype, apply: str | None) -> jax.Array:

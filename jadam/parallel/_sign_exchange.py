@@ -166,8 +166,14 @@ class SignExchange:
     size = sum(x.size for x in local)
     flat = jnp.concatenate([x.reshape(-1) for x in local]
                            + [jnp.zeros((padded_size(size, self.n) - size,), jnp.float32)])
-    mean, self.worker_error, self.server_error = compressed_mean(
+    mean, worker_error, server_error = compressed_mean(
         flat, self.worker_error, self.server_error, self.axis, size, self.n)
+    # A NaN or inf in any device's momentum reaches every device's mean (the
+    # scales carry it): then the error feedback stays as it was, everywhere
+    # alike, and the optimizer's skip_nonfinite can skip the step cleanly.
+    ok = jnp.all(jnp.isfinite(mean))
+    self.worker_error = jnp.where(ok, worker_error, self.worker_error)
+    self.server_error = jnp.where(ok, server_error, self.server_error)
     # The gradient whose moment update (1 - b1) g + b1 mu is the mean momentum:
     # identical on every device, like the mean gradient of the warm-up.
     out, start = [], 0

@@ -166,7 +166,9 @@ class SlicedUpdate:
     self.calls = 0  # how many jadam optimizers used it while the step traced
 
   def update(self, spec: _core.OptimizerSpec, decay_mask, updates, state, params):
-    """``(updates, state)`` of the optimizer ``spec`` on the slices."""
+    """``(updates, state, finite)`` of the optimizer ``spec`` on the slices
+    (``finite``: with ``skip_nonfinite``, whether the step was taken, the same
+    on every device; else ``None``)."""
     self.calls += 1
     layout, rule = self.layout, spec.rule
     fn = spec.name
@@ -192,20 +194,26 @@ class SlicedUpdate:
           tuple(layout.local_buffer(getattr(state, n)[b.key]) for n in rule.moment_names),
           layout.local_buffer(p[b.key]), SliceSegments(layout, b.key, d),
           tuple(decay_mask[i] for i in b.leaves)) for b in layout.flat.buffers]
-      count_inc, results = _update.update_chunks(
+      finite = None
+      if rule.skip_nonfinite:
+        # Each device sees its slice: every device must skip if any slice is
+        # not finite (one scalar all-reduce over the mesh).
+        local = _update.all_finite([c.grad for c in chunks]).astype(jnp.int32)
+        finite = jax.lax.pmin(local, tuple(self.mesh.axis_names)).astype(bool)
+      count_inc, results, finite = _update.update_chunks(
           rule, _update.merge_hyper(static_hp, dynamic_hp), state.count, chunks,
-          use_wd=use_wd, scale_lr=scale_lr)
+          use_wd=use_wd, scale_lr=scale_lr, finite=finite)
       u = {b.key: layout.to_block(_update.finish(r[0], None, b.dtype, None))
            for b, r in zip(layout.flat.buffers, results)}
       moments = [Packed(layout, {b.key: layout.to_block(r[1][j])
                                  for b, r in zip(layout.flat.buffers, results)})
                  for j in range(len(rule.moment_names))]
-      return Packed(layout, u), _core.state_class(rule)(count_inc, *moments)
+      return Packed(layout, u), _core.state_class(rule)(count_inc, *moments), finite
 
     # check_vma=False: nothing here is differentiated, and the buffers mix
     # leaves sharded over the other axes with replicated ones.
     return jax.shard_map(
         per_device, mesh=self.mesh,
         in_specs=(P(), layout.state_spec, state_specs, layout.state_spec),
-        out_specs=(layout.state_spec, state_specs),
+        out_specs=(layout.state_spec, state_specs, P()),
         check_vma=False)(dynamic_hp, updates, state, params)
