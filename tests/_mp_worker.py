@@ -24,15 +24,32 @@ LEARNING_RATE = 1e-2
 ONEBIT_WARMUP = 8  # "onebit": OneBit(warmup_steps=8) with jadam.adam
 
 
+SKIP_STEP = 10  # "<strategy>+skip": this step's batch holds a NaN
+
+
 def optimizer_and_strategy(strategy: str):
   """The trainer's optimizer and ``strategy=`` for a strategy named on the
   command line (1-bit Adam needs a jadam optimizer and a warm-up shorter
-  than the run)."""
+  than the run; ``<strategy>+skip``, jadam.adam with skip_nonfinite)."""
   import optax  # pylint: disable=g-import-not-at-top
   import jadam.parallel  # pylint: disable=g-import-not-at-top
   if strategy == "onebit":
     return jadam.adam(LEARNING_RATE), jadam.parallel.OneBit(ONEBIT_WARMUP)
+  if strategy.endswith("+skip"):
+    return jadam.adam(LEARNING_RATE, skip_nonfinite=True), strategy[:-len("+skip")]
   return optax.adam(LEARNING_RATE), strategy
+
+
+def problem_for(strategy: str):
+  """:func:`make_problem`; for ``<strategy>+skip``, one NaN target (in the
+  second process's rows) in the batch of step ``SKIP_STEP``."""
+  params, batches = make_problem()
+  if strategy.endswith("+skip"):
+    x, y = batches[SKIP_STEP - 1]
+    y = y.copy()
+    y[GLOBAL_BATCH - 3, 0] = np.nan
+    batches[SKIP_STEP - 1] = (x, y)
+  return params, batches
 
 
 def make_problem(steps: int = STEPS, batch: int = GLOBAL_BATCH):
@@ -106,11 +123,11 @@ def main(argv=None) -> int:
   import optax  # pylint: disable=g-import-not-at-top
   import jadam.parallel  # pylint: disable=g-import-not-at-top
 
-  params0, batches = make_problem()
   share = GLOBAL_BATCH // args.num_processes
   rows = slice(args.process_id * share, (args.process_id + 1) * share)
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   for strategy in args.strategies:
+    params0, batches = problem_for(strategy)
     optimizer, options = optimizer_and_strategy(strategy)
     trainer = jadam.parallel.DataParallel(
         loss_fn, optimizer, mesh, strategy=options,

@@ -149,8 +149,9 @@ def assert_processes_match_reference(tmp_path, strategies) -> None:
           custom_message=f"strategy={strategy}, process {process}")
 
 
-# Not synchronous Adam: compared with the same strategy on 8 devices here.
-OWN_STATE_STRATEGIES = ("local", "onebit")
+# Compared with the same strategy on 8 devices here: not synchronous Adam
+# (local, onebit), or a run with a skipped step (zero2+skip).
+OWN_STATE_STRATEGIES = ("local", "onebit", "zero2+skip")
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +168,12 @@ def test_two_processes_match_one_device(two_process_run):
 
 @pytest.mark.parametrize("strategy", OWN_STATE_STRATEGIES)
 def test_two_processes_match_one_process(two_process_run, strategy):
-  # Local steps (H=8, DiLoCo's outer step) and 1-bit Adam (compressed after
-  # 8 steps): 2 processes x 4 devices equal 8 devices in this process.
+  # Local steps (H=8, DiLoCo's outer step), 1-bit Adam (compressed after 8
+  # steps) and ZeRO-2 with skip_nonfinite (a NaN in step 10's batch, in the
+  # second process's rows): 2 processes x 4 devices equal 8 devices here.
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices")
-  params, batches = _mp_worker.make_problem()
+  params, batches = _mp_worker.problem_for(strategy)
   optimizer, options = _mp_worker.optimizer_and_strategy(strategy)
   trainer = jadam.parallel.DataParallel(
       _mp_worker.loss_fn, optimizer, jax.make_mesh((8,), ("data",)), strategy=options,
@@ -185,6 +187,8 @@ def test_two_processes_match_one_process(two_process_run, strategy):
   want = {"losses": np.array(losses), **_mp_worker.flatten("params", params),
           **_mp_worker.flatten("mu", optax.tree.get(state, "mu")),
           **_mp_worker.flatten("nu", optax.tree.get(state, "nu"))}
+  if strategy.endswith("+skip"):
+    assert int(state.total_notfinite) == 1 and int(optax.tree.get(state, "count")) == 19
   for process in range(2):
     with np.load(two_process_run / f"{strategy}-{process}.npz") as f:
       got = dict(f)

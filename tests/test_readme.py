@@ -53,6 +53,7 @@ MARKERS = {
     "zero": 'strategy="zero1")',
     "fsdp": 'strategy="fsdp")',
     "onebit": "strategy=jadam.parallel.OneBit(warmup_steps=2000))",
+    "skip": "skip_nonfinite=True)\nstate = tx.init(params)",
     "model parallel": 'mesh = jax.make_mesh((4, 2), ("data", "model"))',
     "memory plan": "plan = jadam.memory_plan(",
     "checkpoint": "ckpt = jadam.checkpoint.Checkpointer(",
@@ -407,6 +408,20 @@ def test_fsdp_block():
   # (8, 1) too; nothing that 8 divides is replicated.
   for leaf in jax.tree.leaves((params, opt_state[0].mu, opt_state[0].nu)):
     assert leaf.addressable_shards[0].data.size * NUM_DEVICES == leaf.size
+
+
+def test_skip_block():
+  # The README leaves params and grads to the reader: a NaN in one element.
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  grads = {"w": jnp.ones((3, 2)).at[1, 0].set(jnp.nan), "b": jnp.ones(2)}
+  namespace = {"jadam": jadam, "optax": optax, "params": params, "grads": grads}
+  run_block("skip", namespace)
+  state = namespace["state"]
+  ref = optax.apply_if_finite(optax.adamw(3e-4, weight_decay=0.1), 2**31 - 1)
+  assert jax.tree.structure(state) == jax.tree.structure(ref.init(params))
+  assert int(optax.tree_utils.tree_get(state, "total_notfinite")) == 1
+  assert_equal(namespace["updates"], jax.tree.map(jnp.zeros_like, params), "skip")
+  assert_equal(state.inner_state, namespace["tx"].init(params).inner_state, "skip")
 
 
 @needs_devices

@@ -194,3 +194,24 @@ def test_onebit_keeps_its_error_feedback_on_a_bad_step():
                               (before[1].inner.inner_state, before[1].worker_error,
                                before[1].server_error))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(history[-1]))
+
+
+def test_counters_restore_onto_fewer_devices(tmp_path):
+  # The counters are checkpointed with the state; a zero2 state resizes.
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  import jadam.checkpoint  # pylint: disable=import-outside-toplevel
+  tx = jadam.adamw(LR, weight_decay=0.1, skip_nonfinite=True)
+  trainer = jadam.parallel.DataParallel(dp_loss, tx, jax.make_mesh((8,), ("data",)),
+                                        strategy="zero2")
+  params, state = trainer.init(dp_params())
+  for b in batches(np.nan)[:BAD]:
+    params, state, _ = trainer.step(params, state, b)
+  four = jadam.parallel.DataParallel(
+      dp_loss, tx, jax.make_mesh((4,), ("data",), devices=jax.devices()[:4]), strategy="zero2")
+  with jadam.checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(BAD, params, state)
+    ckpt.wait()
+    _, p4, s4 = ckpt.restore(four)
+  chex.assert_trees_all_equal(four.gather((p4, s4)), trainer.gather((params, state)))
+  assert int(s4.total_notfinite) == 1 and not bool(s4.last_finite)
