@@ -35,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="jadam.adamw or optax.adamw (same arguments)")
   parser.add_argument("--strategy", default="shard_map",
                       help="a DataParallel strategy: shard_map, jit, pmap, "
-                      "zero1, zero2, fsdp, local (jadam.parallel.available_strategies())")
+                      "zero1, zero2, fsdp, onebit, local "
+                      "(jadam.parallel.available_strategies())")
   parser.add_argument("--layout", default="tree", choices=("tree", "flat"),
                       help="jadam's optimizer-state layout")
   parser.add_argument("--mu-dtype", default=None, choices=DTYPES,
@@ -44,6 +45,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--nu-dtype", default=None, choices=DTYPES,
                       help="format of Adam's second moment: a dtype, or q8/q4 "
                       "quantized (jadam only; default: params' dtype)")
+  parser.add_argument("--param-dtype", default="float32",
+                      choices=("float32", "bfloat16", "float16"),
+                      help="dtype of the params (and of the forward and "
+                      "backward passes); moments stay float32 unless "
+                      "--mu-dtype/--nu-dtype say otherwise")
+  parser.add_argument("--loss-scale", default=None,
+                      help="'dynamic' or a number: loss scaling for float16 "
+                      "(DataParallel(loss_scale=...)); 'dynamic' skips an "
+                      "overflowing step (skip_nonfinite=True) and halves the scale")
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--batch-size", type=int, default=128,
                       help="global batch size; must divide by the devices")
@@ -59,6 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--plot", default=None, metavar="PNG",
                       help="save the loss and test-accuracy curves here")
   args = parser.parse_args(argv)
+  if args.loss_scale not in (None, "dynamic"):
+    try:
+      args.loss_scale = float(args.loss_scale)
+    except ValueError:
+      parser.error(f"--loss-scale {args.loss_scale!r}: 'dynamic' or a number")
+  if args.loss_scale == "dynamic" and args.optimizer == "optax":
+    parser.error("--loss-scale dynamic skips overflowing steps with jadam's "
+                 "skip_nonfinite (use --optimizer jadam)")
   if args.optimizer == "optax":
     # optax.adamw has a mu_dtype, but neither a nu_dtype nor quantized moments.
     if args.mu_dtype in QUANTIZED:
@@ -123,7 +141,9 @@ def main(argv=None) -> int:
 
   def loss_fn(params, batch):
     images, labels = batch
-    logits = model.apply({"params": params}, images)
+    # The passes in the params' dtype; the loss in float32.
+    logits = model.apply({"params": params}, images.astype(args.param_dtype))
+    logits = logits.astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss.mean(), {"accuracy": accuracy}
@@ -135,20 +155,24 @@ def main(argv=None) -> int:
     return jnp.dtype(name)
 
   schedule = optax.cosine_decay_schedule(args.learning_rate, args.steps)
+  # Low-precision params keep float32 moments unless asked otherwise.
+  float32_moments = None if args.param_dtype == "float32" else jnp.float32
   if args.optimizer == "jadam":
     tx = jadam.adamw(schedule, weight_decay=args.weight_decay,
-                     mu_dtype=moment_format(args.mu_dtype),
-                     nu_dtype=moment_format(args.nu_dtype), layout=args.layout)
+                     mu_dtype=moment_format(args.mu_dtype) or float32_moments,
+                     nu_dtype=moment_format(args.nu_dtype) or float32_moments,
+                     layout=args.layout, skip_nonfinite=args.loss_scale == "dynamic")
   else:
     tx = optax.adamw(schedule, weight_decay=args.weight_decay,
-                     mu_dtype=moment_format(args.mu_dtype))
+                     mu_dtype=moment_format(args.mu_dtype) or float32_moments)
 
   mesh = jax.make_mesh((n_devices,), ("data",))
   trainer = jadam.parallel.DataParallel(
-      loss_fn, tx, mesh, strategy=args.strategy, has_aux=True)
+      loss_fn, tx, mesh, strategy=args.strategy, has_aux=True,
+      loss_scale=args.loss_scale)
   # jit: one compiled program instead of dozens of small eager ones.
   params = jax.jit(model.init)(jax.random.key(args.seed), x_train[:1])
-  params = params["params"]
+  params = jax.tree.map(lambda p: p.astype(args.param_dtype), params["params"])
   n_params = sum(p.size for p in jax.tree.leaves(params))
   params, opt_state = trainer.init(params)
 
@@ -172,7 +196,7 @@ def main(argv=None) -> int:
                  else f"jadam.adamw ({moments}layout={args.layout})")
   print(f"digits: {len(x_train)} train / {len(x_test)} test images (8x8), "
         f"MLP with {n_params:,} params", flush=True)
-  print(f"{optimizer}, strategy {args.strategy} on {n_devices} "
+  print(f"{args.param_dtype} params; {optimizer}, strategy {args.strategy} on {n_devices} "
         f"{jax.devices()[0].platform} device(s), global batch "
         f"{args.batch_size}, {args.steps} steps", flush=True)
   if formats:
@@ -201,6 +225,10 @@ def main(argv=None) -> int:
         f"test loss: {evals[-1][1]:.4f}")
   print(f"test accuracy: {accuracy:.3f} "
         f"({round(accuracy * len(y_test))}/{len(y_test)})")
+  if args.loss_scale is not None:
+    skipped = optax.tree_utils.tree_get(opt_state, "total_notfinite", 0)
+    print(f"loss scale: {trainer.loss_scale(opt_state):g} at the end, "
+          f"{int(trainer.gather(skipped))} steps skipped")
   print(f"wall time: {time.perf_counter() - start:.1f} s")
 
   if args.plot:

@@ -61,6 +61,13 @@ _WRAPPERS = {
 }
 
 
+def register_wrapper(tx, inner_var: str) -> None:
+  """Records that transformations made like ``tx`` wrap another one, held in
+  their update function's closure variable ``inner_var`` (for wrappers
+  jadam defines itself, such as loss scaling)."""
+  _WRAPPERS[_code(tx)] = inner_var
+
+
 @dataclasses.dataclass(frozen=True)
 class Parts:
   """The parts of an optimizer, in order.

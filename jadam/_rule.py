@@ -84,6 +84,7 @@ class Hyper(NamedTuple):
   eps_root: Any
   weight_decay: Any
   threshold: Any = 5.0
+  grad_scale: Any = None  # multiplies the gradient in the pass (1 / loss scale)
 
 
 class StepScalars(NamedTuple):
@@ -171,6 +172,8 @@ def element_update(
   """
   cdt = compute_dtype(g.dtype)
   g = g.astype(cdt)
+  if hp.grad_scale is not None:  # a loss-scaled gradient, unscaled in float32
+    g = g * jnp.asarray(hp.grad_scale, jnp.float32).astype(cdt)
   mu_old = moments[0].astype(cdt)
   nu_old = moments[1].astype(cdt)
   b1, b2, eps, eps_root = hp.b1, hp.b2, hp.eps, hp.eps_root

@@ -3,13 +3,17 @@
 One transformation serves every layout its inputs come in: tree params (tree
 or ``layout="flat"`` state), :class:`jadam.Packed` params (state packed like
 them: ``DataParallel(layout="flat")``), and ZeRO's slices (updated by the
-strategy's object passed as the extra argument :data:`SLICES_ARG`).
+strategy's object passed as the extra argument :data:`SLICES_ARG`). Extra
+arguments also carry a strategy's momentum exchange (:data:`EXCHANGE_ARG`) and
+loss scaling's ``1 / scale`` (:data:`GRAD_SCALE_ARG`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -28,7 +32,7 @@ SLICES_ARG = "jadam_slices"
 """The extra argument (``update(..., jadam_slices=...)``, passed through
 ``optax.chain`` and other wrappers) by which a strategy that keeps the state
 in slices (ZeRO) hands a jadam optimizer the object that updates them: its
-``update(spec, decay_mask, updates, state, params)`` runs the rule on every
+``update(spec, hp, decay_mask, updates, state, params)`` runs the rule on every
 device's slice."""
 
 EXCHANGE_ARG = "jadam_momentum_exchange"
@@ -37,6 +41,12 @@ instead of the gradient (1-bit Adam's compression phase) takes part in a
 jadam optimizer's update: its ``exchange(spec, state, updates)`` returns the
 gradient whose moment update gives the exchanged moment, and the rule to run
 (with ``nu`` frozen)."""
+
+
+GRAD_SCALE_ARG = "jadam_grad_scale"
+"""The extra argument by which loss scaling (:mod:`jadam._loss_scale`) hands a
+jadam optimizer ``1 / loss scale``: the gradient is unscaled in float32
+inside the update's own pass."""
 
 
 def _mask_target(params):
@@ -72,10 +82,16 @@ def _transformation(spec: _core.OptimizerSpec, layout: str) -> optax.GradientTra
     hp = spec.hyper()  # schedules are evaluated inside the update's jit
     rule = spec.rule
     exchange = extra_args.get(EXCHANGE_ARG)
+    grad_scale = extra_args.get(GRAD_SCALE_ARG)
+    if grad_scale is not None and exchange is not None:
+      # The exchange reads the gradient itself: unscale it first (in float32).
+      updates = jax.tree.map(lambda g: g.astype(jnp.float32) * grad_scale, updates)
+    elif grad_scale is not None:
+      hp = hp._replace(grad_scale=grad_scale)
     if exchange is not None:
       updates, rule = exchange.exchange(spec, inner, updates)
     if slices is not None:
-      updates, inner, finite = slices.update(spec, decay_mask, updates, inner, params)
+      updates, inner, finite = slices.update(spec, hp, decay_mask, updates, inner, params)
     elif isinstance(updates, Packed):
       updates, inner, finite = _flat.packed_update(
           fn, rule, hp, updates, inner, params, decay_mask=decay_mask, scale_lr=scale_lr)

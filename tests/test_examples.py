@@ -122,13 +122,27 @@ def quantized_moments(out: str) -> int:
   return int(read_float(r"^optimizer state: .*?(\d+) quantized moments$", out))
 
 
-def test_train_digits_q8_moments(digits_jadam):
+@pytest.fixture(scope="module")
+def digits_variants():
+  """q8 moments, and float16 params with a dynamic loss scale (run at once)."""
+  q8, fp16 = run_examples("train_digits.py", (*DIGITS_ARGS, "--mu-dtype", "q8", "--nu-dtype", "q8"),
+                          (*DIGITS_ARGS, "--param-dtype", "float16", "--loss-scale", "dynamic"))
+  return {"q8": q8, "float16": fp16}
+
+
+def test_train_digits_float16_dynamic_loss_scale(digits_variants):
+  out = digits_variants["float16"].stdout
+  assert "float16 params; jadam.adamw (mu float32, nu float32" not in out  # no moment flags
+  assert out.startswith("digits:") and "float16 params; jadam.adamw" in out
+  assert read_float(r"^test accuracy: (\d\.\d+)", out) >= 0.95
+  assert re.search(r"^loss scale: \d+ at the end, \d+ steps skipped$", out, re.M), out
+
+
+def test_train_digits_q8_moments(digits_jadam, digits_variants):
   """8-bit moments (mu and nu) reach the float32 run's test accuracy: at
   least 0.97, and within one point of float32 moments (same seed, same
   batches)."""
-  proc = run_example("train_digits.py", *DIGITS_ARGS, "--mu-dtype", "q8",
-                     "--nu-dtype", "q8")
-  out = proc.stdout
+  out = digits_variants["q8"].stdout
   assert "jadam.adamw (mu q8, nu q8, layout=tree)" in out
   # Really quantized: mu and nu of the two hidden kernels (64 x 256 and
   # 256 x 256); the output kernel (256 x 10 = 2,560 elements), biases and

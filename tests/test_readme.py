@@ -54,6 +54,7 @@ MARKERS = {
     "fsdp": 'strategy="fsdp")',
     "onebit": "strategy=jadam.parallel.OneBit(warmup_steps=2000))",
     "skip": "skip_nonfinite=True)\nstate = tx.init(params)",
+    "loss scale": 'loss_scale="dynamic")',
     "model parallel": 'mesh = jax.make_mesh((4, 2), ("data", "model"))',
     "memory plan": "plan = jadam.memory_plan(",
     "checkpoint": "ckpt = jadam.checkpoint.Checkpointer(",
@@ -422,6 +423,19 @@ def test_skip_block():
   assert int(optax.tree_utils.tree_get(state, "total_notfinite")) == 1
   assert_equal(namespace["updates"], jax.tree.map(jnp.zeros_like, params), "skip")
   assert_equal(state.inner_state, namespace["tx"].init(params).inner_state, "skip")
+
+
+@needs_devices
+def test_loss_scale_block():
+  namespace = problem()
+  namespace["params"] = jax.tree.map(lambda x: x.astype(np.float16), namespace["params"])
+  namespace["batch"] = jax.tree.map(lambda x: x.astype(np.float16), namespace["batch"])
+  run_block("loss scale", namespace)
+  trainer, opt_state = namespace["trainer"], namespace["opt_state"]
+  assert isinstance(opt_state, jadam.LossScaleState)
+  assert trainer.loss_scale(opt_state) in (2.0**15, 2.0**14)
+  assert trainer.gather(namespace["params"])["w1"].dtype == np.float16
+  assert np.isfinite(float(namespace["loss"]))
 
 
 @needs_devices

@@ -21,6 +21,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 
+from .. import _loss_scale
+
 PyTree = Any
 # Cuts a batch leaf into micro-batches: (b, ...) -> (k, b // k, ...).
 SplitFn = Callable[[jax.Array], jax.Array]
@@ -194,6 +196,7 @@ def mean_loss_and_grads(
     params: PyTree,
     batch: PyTree,
     split: SplitFn,
+    scale: jax.Array | None = None,
 ) -> tuple[jax.Array, PyTree, PyTree]:
   """Loss, aux and gradient, each the mean over ``batch``.
 
@@ -208,20 +211,24 @@ def mean_loss_and_grads(
     params: the parameters to differentiate with respect to.
     batch: this call's batch (one device's share, or the global batch).
     split: maps a batch leaf to ``(k, leaf.shape[0] // k, ...)``.
+    scale: the loss scale (see :func:`loss_scale`), or ``None``: the loss is
+      multiplied by it before differentiation and the gradient stays scaled
+      (the optimizer unscales it); the loss returned is unscaled.
 
   Returns:
     ``(loss, aux, grads)``; ``aux`` is ``None`` unless ``config.has_aux``.
   """
-
   def loss_and_aux(p, b):
     out = config.loss_fn(p, b)
-    return out if config.has_aux else (out, None)
+    loss, aux = out if config.has_aux else (out, None)
+    return (loss if scale is None else loss * scale), aux
 
   value_and_grad = jax.value_and_grad(loss_and_aux, has_aux=True)
+  unscale = (lambda loss: loss) if scale is None else (lambda loss: loss / scale)
   k = config.accumulation_steps
   if k == 1:
     (loss, aux), grads = value_and_grad(params, batch)
-    return loss, aux, grads
+    return unscale(loss), aux, grads
 
   def accumulate(acc, micro_batch):
     (loss, aux), grads = value_and_grad(params, micro_batch)
@@ -237,7 +244,13 @@ def mean_loss_and_grads(
   grads = jax.tree.map(lambda a, p: (a / k).astype(p.dtype), acc, params)
   loss = jnp.mean(losses, axis=0)
   aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxes)
-  return loss, aux, grads
+  return unscale(loss), aux, grads
+
+
+def loss_scale(opt_state: PyTree) -> jax.Array | None:
+  """The loss scale held in ``opt_state`` (``DataParallel(loss_scale=...)``),
+  or ``None``."""
+  return _loss_scale.scale_of(opt_state)
 
 
 def apply_optimizer(

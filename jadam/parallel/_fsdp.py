@@ -28,6 +28,7 @@ from .. import _validate as V
 from .._sharding import fsdp_spec
 from ._common import PyTree
 from ._common import apply_optimizer
+from ._common import loss_scale
 from ._common import mean_loss_and_grads
 from ._common import put_params
 from ._common import register_strategy
@@ -72,11 +73,11 @@ class FsdpStrategy(JitStrategy):
     def step(params, opt_state, batch):
       specs = jax.tree.map(lambda x: self.sharding(x).spec, params)
 
-      def per_device(local, batch):
+      def per_device(local, batch, scale):
         # Each param all-gathered for the passes; each gradient reduce-
         # scattered back to its param's shard (a replicated one: all-reduced).
         full = jax.tree.map(lambda x, s: _gather(x, s, axis), local, specs)
-        loss, aux, grads = mean_loss_and_grads(config, full, batch, split)
+        loss, aux, grads = mean_loss_and_grads(config, full, batch, split, scale)
         grads = jax.tree.map(lambda g, s: _scatter(g, s, axis, n), grads, specs)
         loss, aux = jax.lax.pmean((loss, aux), axis)
         return loss, aux, grads
@@ -84,8 +85,8 @@ class FsdpStrategy(JitStrategy):
       # check_vma=False: the gradient is taken of the gathered values, per
       # device, and averaged by the explicit collectives above.
       loss, aux, grads = jax.shard_map(
-          per_device, mesh=self.sharding_mesh(), in_specs=(specs, P(axis)),
-          out_specs=(P(), P(), specs), check_vma=False)(params, batch)
+          per_device, mesh=self.sharding_mesh(), in_specs=(specs, P(axis), P()),
+          out_specs=(P(), P(), specs), check_vma=False)(params, batch, loss_scale(opt_state))
       # The update in the global view: element-wise on each shard where it
       # lives; per-parameter norms (LAMB, clipping) reduce over the shards.
       params, opt_state = apply_optimizer(config.optimizer, grads, opt_state, params)

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from ._common import PyTree
 from ._common import apply_optimizer
+from ._common import loss_scale
 from ._common import mean_loss_and_grads
 from ._common import register_strategy
 from ._common import split_local
@@ -127,7 +128,8 @@ class LocalStepsStrategy(_OwnState):
     def per_device(params, state, batch):
       replica = jax.tree.map(lambda x: x[0], state.replicas)
       inner = jax.tree.map(lambda x: x[0], state.inner)
-      loss, aux, grads = mean_loss_and_grads(config, replica, batch, split)
+      loss, aux, grads = mean_loss_and_grads(config, replica, batch, split,
+                                             loss_scale(inner))
       replica, inner = apply_optimizer(config.optimizer, grads, inner, replica)
       count = state.count + 1
 

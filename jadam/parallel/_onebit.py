@@ -41,6 +41,7 @@ from .._packed import Packed
 from .._transformation import EXCHANGE_ARG
 from ._common import PyTree
 from ._common import apply_optimizer
+from ._common import loss_scale
 from ._common import mean_loss_and_grads
 from ._common import register_strategy
 from ._common import split_local
@@ -75,7 +76,8 @@ class OneBitState(NamedTuple):
   """The state of the 1-bit Adam strategy.
 
   Attributes:
-    count: int32, steps taken.
+    count: int32, steps taken (with ``skip_nonfinite``, a skipped step does
+      not count: the warm-up is ``warmup_steps`` steps that updated ``nu``).
     inner: the trainer's optimizer's state (replicated).
     worker_error: ``(N, P)`` float32, each device's worker error feedback
       over the flat momentum (split over the data axis).
@@ -111,7 +113,8 @@ class _PhasedStep:
   def __call__(self, params, opt_state, batch):
     count = self._count(opt_state)
     out = self._program(count)(params, opt_state, batch)
-    self._last = (out[1].count, count + 1)
+    # A step that may have been skipped leaves the count to be read.
+    self._last = (None, 0) if self._strategy.skips else (out[1].count, count + 1)
     return out
 
   def lower(self, params, opt_state, batch):
@@ -125,11 +128,13 @@ class OneBitStrategy(_OwnState):
 
   def __init__(self, config):
     super().__init__(config)
-    if _compose.jadam_spec(config.optimizer) is None:
+    spec = _compose.jadam_spec(config.optimizer)
+    if spec is None:
       raise ValueError(
           "`DataParallel(strategy=OneBit(...))` needs one jadam optimizer "
           "(bare or in an optax chain): 1-bit Adam freezes its nu after the "
           f"warm-up; got {config.optimizer!r}")
+    self.skips = spec.rule.skip_nonfinite  # whether a step may be skipped
 
   @property
   def options(self) -> OneBit:
@@ -165,7 +170,8 @@ class OneBitStrategy(_OwnState):
     optimizer = config.optimizer
 
     def per_device(params, state, batch):
-      loss, aux, grads = mean_loss_and_grads(config, params, batch, split)
+      loss, aux, grads = mean_loss_and_grads(config, params, batch, split,
+                                             loss_scale(state.inner))
       worker_error, server_error = state.worker_error, state.server_error
       if not compressed:  # "shard_map"'s step
         loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis)
@@ -184,7 +190,9 @@ class OneBitStrategy(_OwnState):
         params = optax.apply_updates(params, updates)
         worker_error = exchange.worker_error[None]
         server_error = exchange.server_error[None]
-      return params, OneBitState(state.count + 1, inner, worker_error,
+      taken = optax.tree.get(inner, "last_finite", True) if self.skips else True
+      return params, OneBitState(state.count + jnp.asarray(taken, jnp.int32), inner,
+                                 worker_error,
                                  server_error), loss, aux
 
     specs = OneBitState(P(), P(), P(axis), P(axis))

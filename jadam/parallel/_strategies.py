@@ -25,6 +25,7 @@ from ._common import Strategy
 from ._common import apply_optimizer
 from ._common import auto_mesh
 from ._common import check_batch
+from ._common import loss_scale
 from ._common import mean_loss_and_grads
 from ._common import put_batch_leaf
 from ._common import put_params
@@ -122,7 +123,8 @@ class ShardMapStrategy(_Replicated):
       # gives each device the gradient of its own share; pmean then averages.
       varying = jax.tree.map(
           lambda p: jax.lax.pcast(p, axis, to="varying"), params)
-      loss, aux, grads = mean_loss_and_grads(config, varying, batch, split)
+      loss, aux, grads = mean_loss_and_grads(config, varying, batch, split,
+                                             loss_scale(opt_state))
       loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis)
       params, opt_state = apply_optimizer(
           config.optimizer, grads, opt_state, params)
@@ -168,7 +170,8 @@ class JitStrategy(_Replicated):
       return jax.lax.with_sharding_constraint(x, micro)
 
     def step(params, opt_state, batch):
-      loss, aux, grads = mean_loss_and_grads(config, params, batch, split)
+      loss, aux, grads = mean_loss_and_grads(config, params, batch, split,
+                                             loss_scale(opt_state))
       params, opt_state = apply_optimizer(
           config.optimizer, grads, opt_state, params)
       return params, opt_state, loss, aux
@@ -267,7 +270,8 @@ class PmapStrategy(Strategy):
     def per_device(params, opt_state, batch):
       # Inside pmap the params are mapped (one replica per device), so the
       # gradient is this device's share alone and pmean averages it.
-      loss, aux, grads = mean_loss_and_grads(config, params, batch, split)
+      loss, aux, grads = mean_loss_and_grads(config, params, batch, split,
+                                             loss_scale(opt_state))
       loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis)
       params, opt_state = apply_optimizer(
           config.optimizer, grads, opt_state, params)

@@ -16,6 +16,7 @@ from ._common import PyTree
 from ._common import StepConfig
 from ._common import get_strategy
 from .. import _flat
+from .. import _loss_scale
 from .._layout import FlatLayout
 from .._packed import Packed
 
@@ -95,6 +96,8 @@ class DataParallel:
       has_aux: bool = False,
       accumulation_steps: int = 1,
       layout: str = "tree",
+      loss_scale=None,
+      loss_scale_growth_interval: int = 2000,
   ):
     """Builds the trainer (nothing is compiled until the first step).
 
@@ -126,6 +129,17 @@ class DataParallel:
         inside the step), the gradient comes out packed and the optimizer
         runs one fused pass per buffer. ``gather`` unpacks. The ZeRO
         strategies are flat already and take only ``"tree"``.
+      loss_scale: for float16 compute: ``None`` (no scaling), a positive
+        number (a fixed scale) or ``"dynamic"`` (from 2**15: halved when a
+        step's gradient overflows, which is then skipped; doubled after
+        ``loss_scale_growth_interval`` good steps; needs a jadam optimizer
+        with ``skip_nonfinite=True``). The loss is multiplied by the scale
+        before differentiation and the gradient unscaled in float32 inside
+        the jadam optimizer's pass. The scale is in ``opt_state`` (a
+        ``jadam.LossScaleState`` around the optimizer's state: checkpointed
+        with it); :meth:`loss_scale` reads it.
+      loss_scale_growth_interval: good steps after which a dynamic scale
+        doubles.
 
     Raises:
       ValueError: for an unknown ``strategy``, a ``mesh`` without
@@ -154,6 +168,10 @@ class DataParallel:
       raise ValueError(
           "`DataParallel(accumulation_steps=...)` must be a positive integer, "
           f"got {accumulation_steps!r}")
+    _loss_scale.check_loss_scale("DataParallel", loss_scale, loss_scale_growth_interval)
+    if loss_scale is not None:
+      optimizer = _loss_scale.with_loss_scale(
+          optimizer, loss_scale, growth_interval=loss_scale_growth_interval)
     options = None
     if not isinstance(strategy, str) and isinstance(getattr(strategy, "name", None), str):
       options, strategy = strategy, strategy.name  # a strategy object with options
@@ -311,6 +329,14 @@ class DataParallel:
       The ``jax.stages.Lowered`` step.
     """
     return self._strategy.lower(params, opt_state, batch)
+
+  def loss_scale(self, opt_state: PyTree) -> float | None:
+    """The loss scale the next :meth:`step` with ``opt_state`` uses (a
+    float), or ``None`` without ``loss_scale``."""
+    scale = _loss_scale.scale_of(opt_state)
+    if scale is None:
+      return None
+    return float(self._strategy.gather(scale).reshape(-1)[0])
 
   def gather(self, tree: PyTree) -> PyTree:
     """Host numpy copies of params or optimizer state in this layout.

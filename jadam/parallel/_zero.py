@@ -38,6 +38,7 @@ from ._common import StepConfig
 from ._common import Strategy
 from ._common import auto_mesh
 from ._common import check_batch
+from ._common import loss_scale
 from ._common import mean_loss_and_grads
 from ._common import put_batch_leaf
 from ._common import put_params
@@ -222,15 +223,16 @@ class ZeroStrategy(Strategy):
 
   # -- the step
 
-  def local_grads(self, config: StepConfig, layout: ZeroLayout, params, batch):
+  def local_grads(self, config: StepConfig, layout: ZeroLayout, params, batch, scale=None):
     """Each device's mean loss, aux and gradient over its share of ``batch``
     (leaves ``(N, share, ...)``), in the global view: a ``vmap`` over the
-    devices that GSPMD keeps on each device."""
+    devices that GSPMD keeps on each device (``scale``: the loss scale, or
+    ``None``)."""
     axis = config.axis_name
     k = config.accumulation_steps
     split = split_local(k)
     loss, aux, grads = jax.vmap(
-        lambda b: mean_loss_and_grads(config, params, b, split))(batch)
+        lambda b: mean_loss_and_grads(config, params, b, split, scale))(batch)
     flat_grads, treedef = V.flatten_with_none(grads)
     grads = treedef.unflatten([
         None if g is None else jax.lax.with_sharding_constraint(
@@ -255,19 +257,19 @@ class ZeroStrategy(Strategy):
 
     return jax.tree.map(split, batch)
 
-  def reduced_grads(self, layout: ZeroLayout, params, batch):
+  def reduced_grads(self, layout: ZeroLayout, params, batch, scale=None):
     """``(loss, aux, grad_slices)``: the mean loss and aux over the batch and
     each device's slice of the mean gradient (stage 1: one reduce-scatter of
     the accumulated gradient)."""
     loss, aux, grads = self.local_grads(self.config, layout, params,
-                                        self.split_batch(batch))
+                                        self.split_batch(batch), scale)
     slices = reduce_scatter_grads(layout, self.mesh, grads)
     loss, aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), (loss, aux))
     return loss, aux, slices
 
   def step_body(self, params, opt_state, batch):
     layout = _state_layout(opt_state)
-    loss, aux, slices = self.reduced_grads(layout, params, batch)
+    loss, aux, slices = self.reduced_grads(layout, params, batch, loss_scale(opt_state))
     p_slices = param_slices(layout, self.mesh, params)
     sliced = SlicedUpdate(layout, self.mesh)
     updates, opt_state = self.config.optimizer.update(
@@ -305,15 +307,15 @@ class Zero2Strategy(ZeroStrategy):
 
   stage = 2
 
-  def reduced_grads(self, layout, params, batch):
+  def reduced_grads(self, layout, params, batch, scale=None):
     k = self.config.accumulation_steps
     if k == 1:
-      return super().reduced_grads(layout, params, batch)
+      return super().reduced_grads(layout, params, batch, scale)
     config = dataclasses.replace(self.config, accumulation_steps=1)
     micro = self.split_batch(batch, k)
 
     def one(acc, micro_batch):
-      loss, aux, grads = self.local_grads(config, layout, params, micro_batch)
+      loss, aux, grads = self.local_grads(config, layout, params, micro_batch, scale)
       slices = reduce_scatter_grads(layout, self.mesh, grads)
       acc = jax.tree.map(lambda a, s: a + s.astype(a.dtype), acc, slices)
       # Per-device values: averaged once after the loop, not once per

@@ -165,10 +165,11 @@ class SlicedUpdate:
     self.mesh = mesh
     self.calls = 0  # how many jadam optimizers used it while the step traced
 
-  def update(self, spec: _core.OptimizerSpec, decay_mask, updates, state, params):
-    """``(updates, state, finite)`` of the optimizer ``spec`` on the slices
-    (``finite``: with ``skip_nonfinite``, whether the step was taken, the same
-    on every device; else ``None``)."""
+  def update(self, spec: _core.OptimizerSpec, hp, decay_mask, updates, state, params):
+    """``(updates, state, finite)`` of the optimizer ``spec`` (at the
+    hyperparameters ``hp``) on the slices (``finite``: with
+    ``skip_nonfinite``, whether the step was taken, the same on every device;
+    else ``None``)."""
     self.calls += 1
     layout, rule = self.layout, spec.rule
     fn = spec.name
@@ -180,7 +181,6 @@ class SlicedUpdate:
     _core.check_state(fn, rule, state)
     if decay_mask is None:
       decay_mask = (True,) * layout.flat.num_leaves
-    hp = spec.hyper()
     use_wd = _update.uses_weight_decay(hp)
     static_hp, dynamic_hp = _update.split_hyper(hp)
     scale_lr = spec.learning_rate is not None
