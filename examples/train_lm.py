@@ -51,6 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--nu-dtype", default=None, choices=DTYPES,
                       help="format of Adam's second moment: a dtype, or q8/q4 "
                       "quantized (default: params' dtype)")
+  parser.add_argument("--param-dtype", default="float32",
+                      choices=("float32", "bfloat16", "float16"),
+                      help="dtype of the params and of the passes; moments stay "
+                      "float32 unless --mu-dtype/--nu-dtype say otherwise")
+  parser.add_argument("--master-weights", default=None, choices=("float32", "q8"),
+                      help="master weights for low-precision params: a float32 "
+                      "copy, or an 8-bit correction per param")
   parser.add_argument("--layout", default="tree", choices=("tree", "flat"),
                       help="jadam's optimizer-state layout")
   parser.add_argument("--steps", type=int, default=400)
@@ -151,7 +158,7 @@ def main(argv=None) -> int:
 
   def loss_fn(params, batch):
     inputs, targets = batch
-    logits = model.apply({"params": params}, inputs)
+    logits = model.apply({"params": params}, inputs).astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(
         logits, targets).mean()
 
@@ -165,9 +172,12 @@ def main(argv=None) -> int:
       0.0, args.learning_rate, min(100, args.steps // 10 + 1), args.steps)
   # A bare jadam optimizer (no optax.chain around it): the ZeRO strategies
   # apply its rule to each device's slice of the state themselves.
+  # Low-precision params keep float32 moments unless asked otherwise.
+  float32_moments = None if args.param_dtype == "float32" else jnp.float32
   tx = jadam.adamw(schedule, b2=0.99, weight_decay=args.weight_decay,
-                   mu_dtype=moment_format(args.mu_dtype),
-                   nu_dtype=moment_format(args.nu_dtype), layout=args.layout)
+                   mu_dtype=moment_format(args.mu_dtype) or float32_moments,
+                   nu_dtype=moment_format(args.nu_dtype) or float32_moments,
+                   layout=args.layout, master_weights=args.master_weights)
 
   strategy = args.strategy
   if strategy == "local":  # DiLoCo: H inner steps per replica, then one outer step
@@ -183,7 +193,7 @@ def main(argv=None) -> int:
                                         strategy=strategy)
   params = jax.jit(model.init)(
       jax.random.key(args.seed), np.zeros((1, args.seq_len), np.int32))
-  params = params["params"]
+  params = jax.tree.map(lambda p: p.astype(args.param_dtype), params["params"])
   n_params = sum(p.size for p in jax.tree.leaves(params))
   params, opt_state = trainer.init(params)
 
@@ -209,6 +219,8 @@ def main(argv=None) -> int:
         f"transformer with {n_params:,} params", flush=True)
   layout = ("state sharded over the devices" if args.strategy.startswith("zero")
             else f"layout={args.layout}")
+  if args.param_dtype != "float32" or args.master_weights:
+    moments += f", {args.param_dtype} params, master weights {args.master_weights}"
   print(f"jadam.adamw ({moments}, {layout}), strategy "
         f"{args.strategy} on {n_devices} {jax.devices()[0].platform} "
         f"device(s), global batch {args.batch_size} x {args.seq_len} "

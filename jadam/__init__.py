@@ -12,6 +12,7 @@ from ._core import step as step
 from ._core import update as update
 from ._layout import FlatLayout as FlatLayout
 from ._loss_scale import LossScaleState as LossScaleState
+from ._optax_state import MasterState as MasterState
 from ._packed import Packed as Packed
 from ._quant import QArray as QArray
 from ._quant import Quantized as Quantized

@@ -212,7 +212,8 @@ def _flat_body(static, hp, grads, state, params):
   g_packed = layout.pack(grads, dtype="promote")
   # Params are read only for weight decay and the trust ratio: plain Adam never
   # packs them (one fewer copy of every leaf per step).
-  p_packed = layout.pack(params) if has_params and (use_wd or rule.trust_ratio) else None
+  p_packed = (layout.pack(params)
+              if has_params and (use_wd or rule.trust_ratio or rule.master) else None)
   moments = [getattr(state, n) for n in rule.moment_names]
   count_inc, out, new_moments, finite = _buffers_step(static, hp, state.count, g_packed,
                                                       moments, p_packed)

@@ -18,6 +18,7 @@ back, and advances optax's other counters as optax's own update does.
 from __future__ import annotations
 
 import inspect
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,20 @@ from . import _quant
 from . import _rule
 
 _MOMENT_NODES = (optax.ScaleByAdamState, optax.ScaleByAmsgradState)
+
+
+class MasterState(NamedTuple):
+  """Master weights (``master_weights=``) around optax's state tree.
+
+  Attributes:
+    master: per param, what the param lacks of its float32 master value
+      (see :mod:`jadam._master`): float32 or int8, shaped like the params
+      (or packed like the moments).
+    inner_state: optax's own state tree of the optimizer.
+  """
+
+  master: Any
+  inner_state: Any
 
 
 def reference(spec: _core.OptimizerSpec) -> optax.GradientTransformation:
@@ -62,10 +77,12 @@ def init(spec: _core.OptimizerSpec, tree_params, inner) -> object:
 
   def fill(node):
     if isinstance(node, _MOMENT_NODES):
-      return type(node)(inner.count, *(getattr(inner, n) for n in spec.rule.moment_names))
+      return type(node)(inner.count, *(getattr(inner, n) for n in spec.rule.optax_names))
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), node)
 
   state = jax.tree.map(fill, template, is_leaf=lambda x: isinstance(x, _MOMENT_NODES))
+  if spec.rule.master:
+    state = MasterState(master=inner.master, inner_state=state)
   if not spec.rule.skip_nonfinite:
     return state
   # optax.apply_if_finite(optax.X(...), max_consecutive_errors)'s own state.
@@ -113,6 +130,21 @@ def split(fn: str, rule: _rule.Rule, state):
 
 
 def _split(fn: str, rule: _rule.Rule, state):
+  if not rule.master:
+    return _split_optax(fn, rule, state, ())
+  if not isinstance(state, MasterState):
+    raise ValueError(
+        f"`{fn}(..., master_weights={rule.master!r})` keeps a jadam.MasterState "
+        f"around optax's state (from its own init), got {type(state).__name__}")
+  inner, rebuild_inner = _split_optax(fn, rule, state.inner_state, (state.master,))
+
+  def rebuild(new_inner, finite=None):
+    return MasterState(new_inner.master, rebuild_inner(new_inner, finite))
+
+  return inner, rebuild
+
+
+def _split_optax(fn: str, rule: _rule.Rule, state, extra: tuple):
   index = _moments_index(fn, state)
   node = state if index is None else state[index]
   want = optax.ScaleByAmsgradState if rule.kind == "amsgrad" else optax.ScaleByAdamState
@@ -120,10 +152,11 @@ def _split(fn: str, rule: _rule.Rule, state):
     raise ValueError(
         f"`{fn}(state=...)` must hold a {want.__name__} (from the matching init), "
         f"got {type(node).__name__}")
-  inner = _core.state_class(rule)(node.count, *(getattr(node, n) for n in rule.moment_names))
+  inner = _core.state_class(rule)(node.count, *(getattr(node, n) for n in rule.optax_names),
+                                  *extra)
 
   def rebuild(new_inner, finite=None):
-    new_node = type(node)(new_inner.count, *(getattr(new_inner, n) for n in rule.moment_names))
+    new_node = type(node)(new_inner.count, *(getattr(new_inner, n) for n in rule.optax_names))
     if index is None:
       return new_node
     # optax's other parts are step counters (schedules, masked weight decay):

@@ -34,6 +34,7 @@ def scale_by_adam(
     nu_dtype: Any = None,
     layout: str = "tree",
     skip_nonfinite: bool = False,
+    master_weights: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Adam's rule (no learning rate): ``optax.scale_by_adam``.
 
@@ -56,6 +57,11 @@ def scale_by_adam(
     skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
       zero updates, params and moments unchanged, the count not advanced;
       the state is then ``optax.apply_if_finite``'s, with its counters.
+    master_weights: for bfloat16/float16 params (jadam extra): ``None``,
+      ``"float32"`` (the float32 value each param stands for, kept as its
+      float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
+      the param's last place: 1 byte); updates below a param's last place
+      are never lost. The state gains a ``jadam.MasterState``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -74,6 +80,7 @@ def scale_by_adam(
       ),
       layout,
       skip_nonfinite,
+      master_weights,
   )
 
 
@@ -89,6 +96,7 @@ def adam(
     nu_dtype: Any = None,
     layout: str = "tree",
     skip_nonfinite: bool = False,
+    master_weights: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Adam optimizer, interchangeable with ``optax.adam``.
 
@@ -113,6 +121,11 @@ def adam(
     skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
       zero updates, params and moments unchanged, the count not advanced;
       the state is then ``optax.apply_if_finite``'s, with its counters.
+    master_weights: for bfloat16/float16 params (jadam extra): ``None``,
+      ``"float32"`` (the float32 value each param stands for, kept as its
+      float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
+      the param's last place: 1 byte); updates below a param's last place
+      are never lost. The state gains a ``jadam.MasterState``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is ``optax.adam``'s own
@@ -135,6 +148,7 @@ def adam(
       ),
       layout,
       skip_nonfinite,
+      master_weights,
   )
 
 
@@ -150,6 +164,7 @@ def nadam(
     nu_dtype: Any = None,
     layout: str = "tree",
     skip_nonfinite: bool = False,
+    master_weights: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """NAdam: Adam with Nesterov momentum, interchangeable with ``optax.nadam``.
 
@@ -165,6 +180,7 @@ def nadam(
       ),
       layout,
       skip_nonfinite,
+      master_weights,
   )
 
 
@@ -182,6 +198,7 @@ def adamw(
     nu_dtype: Any = None,
     layout: str = "tree",
     skip_nonfinite: bool = False,
+    master_weights: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with decoupled weight decay, interchangeable with ``optax.adamw``.
 
@@ -199,6 +216,11 @@ def adamw(
     skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
       zero updates, params and moments unchanged, the count not advanced;
       the state is then ``optax.apply_if_finite``'s, with its counters.
+    master_weights: for bfloat16/float16 params (jadam extra): ``None``,
+      ``"float32"`` (the float32 value each param stands for, kept as its
+      float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
+      the param's last place: 1 byte); updates below a param's last place
+      are never lost. The state gains a ``jadam.MasterState``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -217,6 +239,7 @@ def adamw(
       ),
       layout,
       skip_nonfinite,
+      master_weights,
   )
 
 
@@ -234,6 +257,7 @@ def nadamw(
     nu_dtype: Any = None,
     layout: str = "tree",
     skip_nonfinite: bool = False,
+    master_weights: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """NAdamW: AdamW with Nesterov momentum, interchangeable with ``optax.nadamw``.
 
@@ -246,4 +270,5 @@ def nadamw(
       ),
       layout,
       skip_nonfinite,
+      master_weights,
   )

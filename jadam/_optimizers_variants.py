@@ -29,6 +29,7 @@ def amsgrad(
     nu_dtype: Any = None,
     layout: str = "tree",
     skip_nonfinite: bool = False,
+    master_weights: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AMSGrad: Adam with a running maximum of ``nu``, as ``optax.amsgrad``.
 
@@ -41,6 +42,11 @@ def amsgrad(
     skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
       zero updates, params and moments unchanged, the count not advanced;
       the state is then ``optax.apply_if_finite``'s, with its counters.
+    master_weights: for bfloat16/float16 params (jadam extra): ``None``,
+      ``"float32"`` (the float32 value each param stands for, kept as its
+      float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
+      the param's last place: 1 byte); updates below a param's last place
+      are never lost. The state gains a ``jadam.MasterState``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is ``optax.amsgrad``'s own
@@ -59,6 +65,7 @@ def amsgrad(
       ),
       layout,
       skip_nonfinite,
+      master_weights,
   )
 
 
@@ -72,6 +79,7 @@ def adamax(
     nu_dtype: Any = None,
     layout: str = "tree",
     skip_nonfinite: bool = False,
+    master_weights: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adamax (Adam with the infinity norm), as ``optax.adamax``.
 
@@ -85,6 +93,11 @@ def adamax(
     skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
       zero updates, params and moments unchanged, the count not advanced;
       the state is then ``optax.apply_if_finite``'s, with its counters.
+    master_weights: for bfloat16/float16 params (jadam extra): ``None``,
+      ``"float32"`` (the float32 value each param stands for, kept as its
+      float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
+      the param's last place: 1 byte); updates below a param's last place
+      are never lost. The state gains a ``jadam.MasterState``.
 
   References:
     Kingma & Ba, 2014, https://arxiv.org/abs/1412.6980 (section 7)
@@ -96,6 +109,7 @@ def adamax(
       ),
       layout,
       skip_nonfinite,
+      master_weights,
   )
 
 
@@ -111,6 +125,7 @@ def adamaxw(
     nu_dtype: Any = None,
     layout: str = "tree",
     skip_nonfinite: bool = False,
+    master_weights: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adamax with decoupled weight decay, as ``optax.adamaxw``.
 
@@ -124,6 +139,7 @@ def adamaxw(
       ),
       layout,
       skip_nonfinite,
+      master_weights,
   )
 
 
@@ -140,6 +156,7 @@ def radam(
     nu_dtype: Any = None,
     layout: str = "tree",
     skip_nonfinite: bool = False,
+    master_weights: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Rectified Adam, as ``optax.radam``.
 
@@ -152,6 +169,11 @@ def radam(
     skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
       zero updates, params and moments unchanged, the count not advanced;
       the state is then ``optax.apply_if_finite``'s, with its counters.
+    master_weights: for bfloat16/float16 params (jadam extra): ``None``,
+      ``"float32"`` (the float32 value each param stands for, kept as its
+      float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
+      the param's last place: 1 byte); updates below a param's last place
+      are never lost. The state gains a ``jadam.MasterState``.
 
   References:
     Liu et al., 2020, https://arxiv.org/abs/1908.03265
@@ -163,6 +185,7 @@ def radam(
       ),
       layout,
       skip_nonfinite,
+      master_weights,
   )
 
 
@@ -179,6 +202,7 @@ def lamb(
     nu_dtype: Any = None,
     layout: str = "tree",
     skip_nonfinite: bool = False,
+    master_weights: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """LAMB: AdamW scaled per parameter by the trust ratio ``|p| / |u|``, as ``optax.lamb``.
 
@@ -190,6 +214,11 @@ def lamb(
     skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
       zero updates, params and moments unchanged, the count not advanced;
       the state is then ``optax.apply_if_finite``'s, with its counters.
+    master_weights: for bfloat16/float16 params (jadam extra): ``None``,
+      ``"float32"`` (the float32 value each param stands for, kept as its
+      float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
+      the param's last place: 1 byte); updates below a param's last place
+      are never lost. The state gains a ``jadam.MasterState``.
 
   References:
     You et al., 2020, https://arxiv.org/abs/1904.00962
@@ -201,4 +230,5 @@ def lamb(
       ),
       layout,
       skip_nonfinite,
+      master_weights,
   )

@@ -167,6 +167,7 @@ def memory_plan(
     nu_dtype=None,
     optimizer=None,
     accumulation_steps: int = 1,
+    master_weights=None,
 ) -> MemoryPlan:
   """Bytes per device of params, gradients and optimizer state.
 
@@ -193,6 +194,9 @@ def memory_plan(
       count and two moments.
     accumulation_steps: micro-batches per step (``> 1``: the gradient
       accumulator is at least float32).
+    master_weights: ``None``, ``"float32"`` or ``"q8"``: count the master
+      weights of ``jadam.adam(..., master_weights=...)`` (without
+      ``optimizer``; a given optimizer's own are counted as it keeps them).
 
   Returns:
     A :class:`MemoryPlan`.
@@ -215,7 +219,12 @@ def memory_plan(
                      f"positive integer, got {accumulation_steps!r}")
   mu_dtype = _quant.resolve("jadam.memory_plan", "mu_dtype", mu_dtype)
   nu_dtype = _quant.resolve("jadam.memory_plan", "nu_dtype", nu_dtype)
-  if _quant.is_quantized(mu_dtype) or _quant.is_quantized(nu_dtype):
+  if master_weights is not None and optimizer is not None:
+    raise ValueError(
+        "`jadam.memory_plan(master_weights=...)` is for the default optimizer; pass "
+        "master_weights to the optimizer itself (e.g. jadam.adam(..., "
+        "master_weights='q8')) and give only `optimizer`")
+  if master_weights is not None or _quant.is_quantized(mu_dtype) or _quant.is_quantized(nu_dtype):
     if optimizer is not None:
       raise ValueError(
           "`jadam.memory_plan(mu_dtype=..., nu_dtype=...)` replace the dtypes of "
@@ -225,7 +234,8 @@ def memory_plan(
     # Quantized moments: measure the state jadam.adam makes (codes and
     # scales, tiny leaves float32), exactly as the trainer's arrays hold it.
     from . import _optimizers  # pylint: disable=import-outside-toplevel
-    optimizer = _optimizers.adam(1e-3, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    optimizer = _optimizers.adam(1e-3, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                                 master_weights=master_weights)
     mu_dtype = nu_dtype = None
   n = int(n_devices)
   leaves = _leaves(params)

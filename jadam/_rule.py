@@ -47,6 +47,8 @@ class Rule:
       rectification stay those of that step.
     skip_nonfinite: a step whose gradient holds a NaN or an inf changes
       nothing: zero updates, the moments and the count as they were.
+    master: ``None``, ``"float32"`` or ``"q8"``: master weights (see
+      :mod:`jadam._master`), kept in the state as ``master``.
   """
 
   kind: str = "adam"
@@ -56,18 +58,28 @@ class Rule:
   trust_ratio: bool = False
   nu_frozen_at: int = 0
   skip_nonfinite: bool = False
+  master: str | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"Rule(kind=...) must be one of {KINDS}, got {self.kind!r}")
+    if self.master not in (None, "float32", "q8"):
+      raise ValueError(
+          f"Rule(master=...) must be None, 'float32' or 'q8', got {self.master!r}")
     if not isinstance(self.nu_frozen_at, int) or self.nu_frozen_at < 0:
       raise ValueError(
           f"Rule(nu_frozen_at=...) must be a non-negative int, got {self.nu_frozen_at!r}")
 
   @property
-  def moment_names(self) -> tuple[str, ...]:
-    """Names of the per-parameter state fields, in state order."""
+  def optax_names(self) -> tuple[str, ...]:
+    """Names of the per-parameter fields of optax's moments node."""
     return ("mu", "nu", "nu_max") if self.kind == "amsgrad" else ("mu", "nu")
+
+  @property
+  def moment_names(self) -> tuple[str, ...]:
+    """Names of the per-parameter state fields, in state order (the master
+    weights' state last)."""
+    return self.optax_names + (("master",) if self.master else ())
 
 
 class Hyper(NamedTuple):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _master
 from . import _quant
 from . import _rule
 from . import _validate as V
@@ -45,7 +46,28 @@ class AmsgradState(NamedTuple):
   nu_max: Any
 
 
+class AdamMasterState(NamedTuple):
+  """Adam's state with master weights (``master``: see :mod:`jadam._master`)."""
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+  master: Any
+
+
+class AmsgradMasterState(NamedTuple):
+  """AMSGrad's state with master weights."""
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+  nu_max: Any
+  master: Any
+
+
 def state_class(rule: _rule.Rule):
+  if rule.master:
+    return AmsgradMasterState if rule.kind == "amsgrad" else AdamMasterState
   return AmsgradState if rule.kind == "amsgrad" else AdamState
 
 
@@ -67,7 +89,8 @@ def moment_formats(rule: _rule.Rule, mu_dtype=None, nu_dtype=None) -> tuple:
   ``mu_dtype`` sets ``mu``'s; ``nu_dtype`` sets ``nu``'s and ``nu_max``'s.
   """
   want = {"mu": mu_dtype, "nu": nu_dtype, "nu_max": nu_dtype}
-  return tuple(_quant.for_moment(want[name], name) for name in rule.moment_names)
+  formats = tuple(_quant.for_moment(want[name], name) for name in rule.optax_names)
+  return formats + ((_master.state_dtype(rule.master),) if rule.master else ())
 
 
 def moment_dtypes(rule: _rule.Rule, dtype, mu_dtype=None, nu_dtype=None) -> tuple[np.dtype, ...]:

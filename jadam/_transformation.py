@@ -106,15 +106,19 @@ def _transformation(spec: _core.OptimizerSpec, layout: str) -> optax.GradientTra
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def build(spec: _core.OptimizerSpec, layout: str,
-          skip_nonfinite: bool = False) -> optax.GradientTransformationExtraArgs:
+def build(spec: _core.OptimizerSpec, layout: str, skip_nonfinite: bool = False,
+          master_weights: str | None = None) -> optax.GradientTransformationExtraArgs:
   spec.validate()
   V.check_choice(spec.name, "layout", layout, LAYOUTS)
   if not isinstance(skip_nonfinite, (bool, np.bool_)):
     raise ValueError(f"`{spec.name}(skip_nonfinite=...)` must be True or False, "
                      f"got {skip_nonfinite!r}")
+  if master_weights not in (None, "float32", "q8"):
+    raise ValueError(f"`{spec.name}(master_weights=...)` must be None, 'float32' or "
+                     f"'q8', got {master_weights!r}")
   spec = spec._replace(
-      rule=dataclasses.replace(spec.rule, skip_nonfinite=bool(skip_nonfinite)),
+      rule=dataclasses.replace(spec.rule, skip_nonfinite=bool(skip_nonfinite),
+                               master=master_weights),
       mu_dtype=_quant.resolve(spec.name, "mu_dtype", spec.mu_dtype),
       nu_dtype=_quant.resolve(spec.name, "nu_dtype", spec.nu_dtype),
   )

@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import _master
 from . import _quant
 from . import _rule
 from ._sharding import like_sharding
@@ -63,10 +64,14 @@ def apply_rule(rule: _rule.Rule, hp: _rule.Hyper, scalars: _rule.StepScalars, ch
   # Quantized moments (see :mod:`jadam._quant`) are decoded to float32 here
   # and encoded again below: the rule only ever sees float values.
   stored = chunk.moments
+  master = stored[-1] if rule.master else None
+  stored = stored[:len(rule.optax_names)]
   direction, moments = _rule.element_update(rule, hp, scalars, chunk.grad,
                                             tuple(_quant.decode(m) for m in stored))
   moments = tuple(_quant.encode_like(m, old) for m, old in zip(moments, stored))
   p = None if chunk.param is None else chunk.param.astype(direction.dtype)
+  if master is not None:  # the float32 value the param stands for
+    p = _master.decode(master, chunk.param).astype(direction.dtype)
   if use_wd:
     direction = _decay(direction, p, hp.weight_decay, chunk.segments.select(chunk.decay))
   if rule.trust_ratio:
@@ -75,6 +80,12 @@ def apply_rule(rule: _rule.Rule, hp: _rule.Hyper, scalars: _rule.StepScalars, ch
     direction = direction * like_sharding(ratio, direction)
   if scale_lr:
     direction = jnp.asarray(-hp.learning_rate, dtype=direction.dtype) * direction
+  if master is not None:
+    # The update goes to the master value; the param becomes its rounding,
+    # and the update returned is exactly the param's change.
+    new_param, new_master = _master.encode_as(rule.master, p + direction, chunk.param.dtype)
+    direction = new_param.astype(direction.dtype) - chunk.param.astype(direction.dtype)
+    moments = moments + (new_master,)
   return direction, moments
 
 
@@ -162,13 +173,13 @@ def uses_weight_decay(hp: _rule.Hyper) -> bool:
 def check_params_given(fn: str, rule: _rule.Rule, hp: _rule.Hyper, params, *,
                        apply: bool = False) -> bool:
   """Raises unless ``params`` are given where the step reads them (weight
-  decay, LAMB's trust ratio, applying the update); returns whether weight
-  decay applies."""
+  decay, LAMB's trust ratio, master weights, applying the update); returns
+  whether weight decay applies."""
   use_wd = uses_weight_decay(hp)
-  if params is None and (apply or rule.trust_ratio or use_wd):
+  if params is None and (apply or rule.trust_ratio or use_wd or rule.master):
     raise ValueError(
-        f"`{fn}` needs `params` (for weight decay, LAMB's trust ratio or "
-        f"applying the update); got params=None")
+        f"`{fn}` needs `params` (for weight decay, LAMB's trust ratio, master "
+        f"weights or applying the update); got params=None")
   return use_wd
 
 

@@ -41,6 +41,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ._optax_state import MasterState
+
 __all__ = ["Checkpointer"]
 
 FORMAT = "jadam.checkpoint"
@@ -105,16 +107,25 @@ def _compare(what: str, where: str, saved: list[dict], wanted: list[dict],
 
 def _flat_buffer_paths(state) -> set[str]:
   """Paths of packed moment buffers (the :class:`jadam.Packed` moments of a
-  jadam or optax Adam state): their padded length may differ."""
-  def is_moments(x):
+  jadam or optax Adam state, and packed master weights): their padded length
+  may differ."""
+  def moments(x):
     return hasattr(x, "_fields") and "mu" in x._fields
 
+  def master(x):
+    return isinstance(x, MasterState)
+
+  return (_packed_paths(state, moments, ("mu", "nu", "nu_max"))
+          | _packed_paths(state, master, ("master",)))
+
+
+def _packed_paths(state, is_node, names) -> set[str]:
   out = set()
-  for path, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_moments)[0]:
-    if not is_moments(node):
+  for path, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_node)[0]:
+    if not is_node(node):
       continue
     prefix = jax.tree_util.keystr(path)
-    for name in node._fields[1:]:
+    for name in (n for n in names if n in node._fields):
       moment = getattr(node, name)
       if isinstance(moment, collections.abc.Mapping):
         for sub, _ in jax.tree_util.tree_leaves_with_path(moment):

@@ -8,6 +8,7 @@ Examples::
   python -m jadam.plan --params 124e6 --devices 1 2 8 --moments float32 bfloat16 --markdown
   python -m jadam.plan --measure --fake-devices 8 --params 4e6 --markdown
   python -m jadam.plan --params 7e9 --devices 8 --mu-dtype q8 --nu-dtype q4
+  python -m jadam.plan --params 7e9 --param-dtype bfloat16 --moments q8 --master-weights q8
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _label(moment) -> str:
 
 def plan_rows(num_params: int, devices, moments, *, param_dtype="float32",
               leaves: int = 1, strategies=STRATEGIES,
-              accumulation_steps: int = 1) -> list[dict]:
+              accumulation_steps: int = 1, master_weights=None) -> list[dict]:
   """One row per (moment dtype, strategy, device count)."""
   params = _tree(num_params, leaves, np.dtype(param_dtype))
   rows = []
@@ -53,7 +54,8 @@ def plan_rows(num_params: int, devices, moments, *, param_dtype="float32",
       for n in devices:
         plan = memory_plan(params, strategy=strategy, n_devices=n,
                            mu_dtype=mu, nu_dtype=nu,
-                           accumulation_steps=accumulation_steps)
+                           accumulation_steps=accumulation_steps,
+                           master_weights=master_weights)
         rows.append({
             "strategy": strategy, "devices": n, "moments": _label(moment),
             "params_bytes": plan.params, "grads_bytes": plan.grads,
@@ -221,6 +223,8 @@ def main(argv=None) -> int:
                            "--nu-dtype, replaces --moments")
   parser.add_argument("--nu-dtype", metavar="FORMAT",
                       help="second moment's format (a dtype, q8 or q4)")
+  parser.add_argument("--master-weights", default=None, choices=("float32", "q8"),
+                      help="count master weights for low-precision params")
   parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
                       choices=STRATEGIES)
   parser.add_argument("--accumulation-steps", type=int, default=1)
@@ -262,8 +266,10 @@ def main(argv=None) -> int:
   rows = plan_rows(num_params, args.devices, args.moments,
                    param_dtype=args.param_dtype, leaves=args.leaves,
                    strategies=args.strategies,
-                   accumulation_steps=args.accumulation_steps)
-  print(f"{num_params:,} {args.param_dtype} params; bytes per parameter per "
+                   accumulation_steps=args.accumulation_steps,
+                   master_weights=args.master_weights)
+  master = f", master weights {args.master_weights}" if args.master_weights else ""
+  print(f"{num_params:,} {args.param_dtype} params{master}; bytes per parameter per "
         "device (B/p)")
   print(format_table(rows, markdown=args.markdown))
   if args.json:

@@ -55,6 +55,7 @@ MARKERS = {
     "onebit": "strategy=jadam.parallel.OneBit(warmup_steps=2000))",
     "skip": "skip_nonfinite=True)\nstate = tx.init(params)",
     "loss scale": 'loss_scale="dynamic")',
+    "master weights": 'master_weights="q8")\nstate = tx.init(params)',
     "model parallel": 'mesh = jax.make_mesh((4, 2), ("data", "model"))',
     "memory plan": "plan = jadam.memory_plan(",
     "checkpoint": "ckpt = jadam.checkpoint.Checkpointer(",
@@ -423,6 +424,16 @@ def test_skip_block():
   assert int(optax.tree_utils.tree_get(state, "total_notfinite")) == 1
   assert_equal(namespace["updates"], jax.tree.map(jnp.zeros_like, params), "skip")
   assert_equal(state.inner_state, namespace["tx"].init(params).inner_state, "skip")
+
+
+def test_master_weights_block():
+  params = {"w": jnp.ones((128, 64), jnp.bfloat16), "b": jnp.zeros(64, jnp.bfloat16)}
+  namespace = {"jadam": jadam, "params": params}
+  run_block("master weights", namespace)
+  state = namespace["state"]
+  assert isinstance(state, jadam.MasterState)
+  for leaf, param in zip(jax.tree.leaves(state.master), jax.tree.leaves(params)):
+    assert leaf.dtype == jnp.int8 and leaf.shape == param.shape
 
 
 @needs_devices
