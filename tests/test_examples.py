@@ -193,8 +193,10 @@ def loss_curve(out: str) -> dict[str, str]:
 @pytest.mark.skipif("zero1" not in jadam.parallel.available_strategies(),
                     reason="the zero1 strategy is not built yet")
 def test_train_lm_zero1_bfloat16_moments():
-  proc = run_example("train_lm.py", *LM_ARGS, "--fake-devices", "4",
-                     "--strategy", "zero1")
+  # The reference (one device) runs at the same time.
+  proc, reference = run_examples(
+      "train_lm.py", (*LM_ARGS, "--fake-devices", "4", "--strategy", "zero1"),
+      (*LM_ARGS, "--fake-devices", "1", "--strategy", "shard_map"))
   out = proc.stdout
   assert "mu bfloat16, nu bfloat16" in out and "strategy zero1 on 4" in out
   uniform = read_float(r"uniform loss ([\d.]+)", out)
@@ -213,8 +215,6 @@ def test_train_lm_zero1_bfloat16_moments():
   # ZeRO over 4 devices gives a single-device run's results: the same
   # program on one device (same seed, same batches, same moment dtypes)
   # prints the same loss curve.
-  reference = run_example("train_lm.py", *LM_ARGS, "--fake-devices", "1",
-                          "--strategy", "shard_map")
   assert "strategy shard_map on 1" in reference.stdout
   ours, theirs = loss_curve(out), loss_curve(reference.stdout)
   assert len(ours) == 4, out
