@@ -54,14 +54,7 @@ def scale_by_adam(
       format: ``"q8"``, or ``"q4"`` (4-bit, rank-1 normalized over a
       matrix's rows and columns, a linear map without zero).
     layout: ``"tree"`` (optax's state layout) or ``"flat"`` (packed state).
-    skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
-      zero updates, params and moments unchanged, the count not advanced;
-      the state is then ``optax.apply_if_finite``'s, with its counters.
-    master_weights: for bfloat16/float16 params (jadam extra): ``None``,
-      ``"float32"`` (the float32 value each param stands for, kept as its
-      float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
-      the param's last place: 1 byte); updates below a param's last place
-      are never lost. The state gains a ``jadam.MasterState``.
+    skip_nonfinite, master_weights: jadam extras, as in :func:`jadam.adam`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -213,14 +206,7 @@ def adamw(
     nesterov: use Nesterov momentum (NAdamW).
     nu_dtype: dtype of the second moment (jadam extra).
     layout: ``"tree"`` or ``"flat"``.
-    skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
-      zero updates, params and moments unchanged, the count not advanced;
-      the state is then ``optax.apply_if_finite``'s, with its counters.
-    master_weights: for bfloat16/float16 params (jadam extra): ``None``,
-      ``"float32"`` (the float32 value each param stands for, kept as its
-      float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
-      the param's last place: 1 byte); updates below a param's last place
-      are never lost. The state gains a ``jadam.MasterState``.
+    skip_nonfinite, master_weights: jadam extras, as in :func:`jadam.adam`.
 
   Returns:
     An ``optax.GradientTransformation``.

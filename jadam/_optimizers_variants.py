@@ -39,14 +39,7 @@ def amsgrad(
     bias_correction_nu: bias-correct the second moment (before the maximum).
     nu_dtype: dtype of ``nu`` and ``nu_max`` (jadam extra).
     layout: ``"tree"`` or ``"flat"``.
-    skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
-      zero updates, params and moments unchanged, the count not advanced;
-      the state is then ``optax.apply_if_finite``'s, with its counters.
-    master_weights: for bfloat16/float16 params (jadam extra): ``None``,
-      ``"float32"`` (the float32 value each param stands for, kept as its
-      float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
-      the param's last place: 1 byte); updates below a param's last place
-      are never lost. The state gains a ``jadam.MasterState``.
+    skip_nonfinite, master_weights: jadam extras, as in :func:`jadam.adam`.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is ``optax.amsgrad``'s own
@@ -90,14 +83,7 @@ def adamax(
     learning_rate, b1, b2, eps: as :func:`jadam.adam`.
     mu_dtype, nu_dtype: moment dtypes (jadam extras).
     layout: ``"tree"`` or ``"flat"``.
-    skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
-      zero updates, params and moments unchanged, the count not advanced;
-      the state is then ``optax.apply_if_finite``'s, with its counters.
-    master_weights: for bfloat16/float16 params (jadam extra): ``None``,
-      ``"float32"`` (the float32 value each param stands for, kept as its
-      float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
-      the param's last place: 1 byte); updates below a param's last place
-      are never lost. The state gains a ``jadam.MasterState``.
+    skip_nonfinite, master_weights: jadam extras, as in :func:`jadam.adam`.
 
   References:
     Kingma & Ba, 2014, https://arxiv.org/abs/1412.6980 (section 7)
@@ -166,14 +152,7 @@ def radam(
     nesterov: use Nesterov momentum.
     mu_dtype, nu_dtype: moment dtypes (jadam extras).
     layout: ``"tree"`` or ``"flat"``.
-    skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
-      zero updates, params and moments unchanged, the count not advanced;
-      the state is then ``optax.apply_if_finite``'s, with its counters.
-    master_weights: for bfloat16/float16 params (jadam extra): ``None``,
-      ``"float32"`` (the float32 value each param stands for, kept as its
-      float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
-      the param's last place: 1 byte); updates below a param's last place
-      are never lost. The state gains a ``jadam.MasterState``.
+    skip_nonfinite, master_weights: jadam extras, as in :func:`jadam.adam`.
 
   References:
     Liu et al., 2020, https://arxiv.org/abs/1908.03265
@@ -211,14 +190,7 @@ def lamb(
     weight_decay, mask: as :func:`jadam.adamw`.
     mu_dtype, nu_dtype: moment dtypes (jadam extras).
     layout: ``"tree"`` or ``"flat"`` (per-parameter norms by segment sums).
-    skip_nonfinite: skip a step whose gradient holds a NaN or inf (jadam extra):
-      zero updates, params and moments unchanged, the count not advanced;
-      the state is then ``optax.apply_if_finite``'s, with its counters.
-    master_weights: for bfloat16/float16 params (jadam extra): ``None``,
-      ``"float32"`` (the float32 value each param stands for, kept as its
-      float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
-      the param's last place: 1 byte); updates below a param's last place
-      are never lost. The state gains a ``jadam.MasterState``.
+    skip_nonfinite, master_weights: jadam extras, as in :func:`jadam.adam`.
 
   References:
     You et al., 2020, https://arxiv.org/abs/1904.00962
