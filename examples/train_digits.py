@@ -228,7 +228,7 @@ def main(argv=None) -> int:
   if args.loss_scale is not None:
     skipped = optax.tree_utils.tree_get(opt_state, "total_notfinite", 0)
     print(f"loss scale: {trainer.loss_scale(opt_state):g} at the end, "
-          f"{int(trainer.gather(skipped))} steps skipped")
+          f"{int(np.sum(trainer.gather(skipped)))} steps skipped")
   print(f"wall time: {time.perf_counter() - start:.1f} s")
 
   if args.plot:

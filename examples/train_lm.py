@@ -187,7 +187,8 @@ def main(argv=None) -> int:
                                   nesterov=bool(args.outer_momentum)))
   if strategy == "onebit":  # 1-bit Adam: DeepSpeed advises 15-25% of warm-up
     strategy = jadam.parallel.OneBit(
-        warmup_steps=args.warmup_steps or max(1, args.steps // 5))
+        warmup_steps=(max(1, args.steps // 5) if args.warmup_steps is None
+                      else args.warmup_steps))
   mesh = jax.make_mesh((n_devices,), ("data",))
   trainer = jadam.parallel.DataParallel(loss_fn, tx, mesh,
                                         strategy=strategy)

@@ -76,10 +76,13 @@ class Parts:
     jadam: the specs of the jadam optimizers found.
     others: ``(name, kind)`` of every other part: ``"elementwise"``,
       ``"global"``, or ``"unknown"``.
+    wrappers: the names of the wrappers seen through (``"chain"``,
+      ``"apply_if_finite"``, ...).
   """
 
   jadam: tuple
   others: tuple
+  wrappers: tuple = ()
 
   def unknown(self) -> list[str]:
     return [name for name, kind in self.others if kind == "unknown"]
@@ -102,7 +105,7 @@ def _inner(tx, var: str) -> list:
 
 def parts(tx) -> Parts:
   """The parts of ``tx`` (see the module docstring)."""
-  jadam, others = [], []
+  jadam, others, wrappers = [], [], []
 
   def walk(t):
     update = getattr(t, "update", None)
@@ -112,6 +115,7 @@ def parts(tx) -> Parts:
       return
     code = _code(t)
     if code in _WRAPPERS:
+      wrappers.append(update.__qualname__.split(".<locals>")[0])
       for inner in _inner(t, _WRAPPERS[code]):
         walk(inner)
       return
@@ -119,7 +123,7 @@ def parts(tx) -> Parts:
     others.append((name, _SAFE.get(code, "unknown")))
 
   walk(tx)
-  return Parts(tuple(jadam), tuple(others))
+  return Parts(tuple(jadam), tuple(others), tuple(wrappers))
 
 
 def jadam_spec(tx):

@@ -153,7 +153,7 @@ def _tree_body(static, hp, grads, state, params):
   new_moments = [[None] * len(g_flat) for _ in rule.moment_names]
   for i, (u, moms) in zip(live, results):
     ref = p_flat[i] if p_flat[i] is not None else g_flat[i]
-    out[i] = _update.finish(u, p_flat[i], ref.dtype, apply)
+    out[i] = _update.finish(u, p_flat[i], _update.update_dtype(rule, ref.dtype), apply)
     for nm, m in zip(new_moments, moms):
       nm[i] = m
   new_state = state_class(rule)(count_inc, *(treedef.unflatten(m) for m in new_moments))

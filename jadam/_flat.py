@@ -219,7 +219,9 @@ def _flat_body(static, hp, grads, state, params):
                                                       moments, p_packed)
   # The tree form returns updates in the params' dtypes (else the gradients').
   updates = layout.unpack({
-      b.key: _update.finish(u, None, b.dtype if has_params else g_packed[b.key].dtype, None)
+      b.key: _update.finish(
+          u, None, _update.update_dtype(rule, b.dtype) if has_params else g_packed[b.key].dtype,
+          None)
       for b, u in zip(layout.buffers, out.values())})
   if not has_params:
     updates = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), updates, grads)
@@ -234,5 +236,6 @@ def _packed_body(static, hp, grads, state, params):
   count_inc, out, new_moments, finite = _buffers_step(static, hp, state.count, grads, moments,
                                                       params)
   ref = params if params is not None else grads
-  updates = Packed(layout, {k: _update.finish(u, None, ref[k].dtype, None) for k, u in out.items()})
+  updates = Packed(layout, {k: _update.finish(u, None, _update.update_dtype(rule, ref[k].dtype),
+                                              None) for k, u in out.items()})
   return updates, _core.state_class(rule)(count_inc, *new_moments), finite

@@ -24,6 +24,7 @@ from . import _compose
 from ._transformation import GRAD_SCALE_ARG
 
 DYNAMIC_INITIAL_SCALE = 2.0**15
+MIN_SCALE, MAX_SCALE = 2.0**-24, 2.0**24  # the bounds of a dynamic scale
 
 
 class LossScaleState(NamedTuple):
@@ -63,7 +64,8 @@ def with_loss_scale(inner, loss_scale, *, growth_interval: int = 2000,
     inner: the optimizer: a jadam optimizer (bare: the gradient is unscaled
       inside its pass) or any optax transformation (the gradient is unscaled
       first, in float32).
-    loss_scale: a positive number (fixed) or ``"dynamic"`` (from 2**15).
+    loss_scale: a positive number (fixed) or ``"dynamic"`` (from 2**15, kept
+      within [2**-24, 2**24]).
     growth_interval: good steps after which a dynamic scale doubles.
     fn: the caller's name, for error messages.
   """
@@ -96,6 +98,8 @@ def with_loss_scale(inner, loss_scale, *, growth_interval: int = 2000,
     good = jnp.where(finite, state.good_steps + 1, 0)
     grow = good >= growth_interval
     scale = jnp.where(finite, jnp.where(grow, 2 * state.scale, state.scale), state.scale / 2)
+    # Within [MIN_SCALE, MAX_SCALE]: never 0 (1 / 0) nor inf.
+    scale = jnp.clip(scale, MIN_SCALE, MAX_SCALE)
     return updates, LossScaleState(scale, jnp.where(grow, 0, good).astype(jnp.int32),
                                    inner_state)
 

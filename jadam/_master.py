@@ -53,12 +53,25 @@ def decode(state: jax.Array, param: jax.Array) -> jax.Array:
   return p + state
 
 
-def encode_as(fmt: str, master: jax.Array, param_dtype) -> tuple[jax.Array, jax.Array]:
-  """``(param, state)``: the new param (``master``, float32, rounded once to
-  ``param_dtype``) and what the rounding lost, in format ``fmt``."""
-  param = master.astype(param_dtype)
+def residual(fmt: str, master: jax.Array, param: jax.Array) -> jax.Array:
+  """What ``param`` lacks of the float32 ``master`` value, in format ``fmt``."""
   lost = master - param.astype(jnp.float32)
   if fmt == "float32":
-    return param, lost
+    return lost
   q = jnp.round(lost / ulp(param) * 256)
-  return param, jnp.clip(q, -128, 127).astype(jnp.int8)
+  return jnp.clip(q, -128, 127).astype(jnp.int8)
+
+
+def step(fmt: str, master: jax.Array, param: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(update, state)`` for the new float32 ``master`` value of ``param``.
+
+  ``update`` (float32) is the param's change: ``optax.apply_updates`` adds
+  it in float32 and rounds once, which gives the master value rounded to the
+  param's dtype (a param-dtype update could not always carry the change
+  exactly, say where a param crosses zero). ``state`` is what that new
+  param lacks of the master value.
+  """
+  target = master.astype(param.dtype)
+  update = target.astype(jnp.float32) - param.astype(jnp.float32)
+  applied = (param.astype(jnp.float32) + update).astype(param.dtype)
+  return update, residual(fmt, master, applied)

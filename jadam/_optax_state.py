@@ -167,3 +167,14 @@ def _split_optax(fn: str, rule: _rule.Rule, state, extra: tuple):
     return (new_node,) + tuple(jax.tree.map(step, state[1:]))
 
   return inner, rebuild
+
+
+def reset_master(state):
+  """``state`` with the master weights of every :class:`MasterState` in it
+  zeroed: the master values become the params (after params are set anew)."""
+  def reset(node):
+    if isinstance(node, MasterState):
+      return node._replace(master=jax.tree.map(jnp.zeros_like, node.master))
+    return node
+
+  return jax.tree.map(reset, state, is_leaf=lambda x: isinstance(x, MasterState))

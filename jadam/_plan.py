@@ -219,6 +219,9 @@ def memory_plan(
                      f"positive integer, got {accumulation_steps!r}")
   mu_dtype = _quant.resolve("jadam.memory_plan", "mu_dtype", mu_dtype)
   nu_dtype = _quant.resolve("jadam.memory_plan", "nu_dtype", nu_dtype)
+  if master_weights not in (None, "float32", "q8"):
+    raise ValueError("`jadam.memory_plan(master_weights=...)` must be None, 'float32' or "
+                     f"'q8', got {master_weights!r}")
   if master_weights is not None and optimizer is not None:
     raise ValueError(
         "`jadam.memory_plan(master_weights=...)` is for the default optimizer; pass "

@@ -110,6 +110,13 @@ def init_state(fn: str, rule: _rule.Rule, params, mu_dtype=None, nu_dtype=None):
   formats = moment_formats(rule, mu_dtype, nu_dtype)
   flat, treedef = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=lambda x: x is None or isinstance(x, Packed) or _is_nnx_variable(x))
+  if rule.master:
+    for path, node in flat:
+      for leaf in (node.values() if isinstance(node, Packed) else jax.tree.leaves(node)):
+        if not jnp.issubdtype(V.dtype_of(leaf), jnp.floating):
+          raise ValueError(
+              f"`{fn}(master_weights=...)` needs real float params; the param at "
+              f"{jax.tree_util.keystr(path) or '<root>'} is {V.dtype_of(leaf).name}")
   moments = [[] for _ in rule.moment_names]
   for path, node in flat:
     if isinstance(node, Packed):

@@ -116,6 +116,11 @@ def build(spec: _core.OptimizerSpec, layout: str, skip_nonfinite: bool = False,
   if master_weights not in (None, "float32", "q8"):
     raise ValueError(f"`{spec.name}(master_weights=...)` must be None, 'float32' or "
                      f"'q8', got {master_weights!r}")
+  if master_weights is not None and spec.learning_rate is None:
+    raise ValueError(
+        f"`{spec.name}(master_weights=...)`: master weights take the optimizer's whole "
+        "update, learning rate included; scale_by_adam has none (use jadam.adam, or "
+        "another jadam optimizer with a learning rate, as the chain's last part)")
   spec = spec._replace(
       rule=dataclasses.replace(spec.rule, skip_nonfinite=bool(skip_nonfinite),
                                master=master_weights),

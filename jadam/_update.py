@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _master
 from . import _quant
@@ -82,9 +83,9 @@ def apply_rule(rule: _rule.Rule, hp: _rule.Hyper, scalars: _rule.StepScalars, ch
     direction = jnp.asarray(-hp.learning_rate, dtype=direction.dtype) * direction
   if master is not None:
     # The update goes to the master value; the param becomes its rounding,
-    # and the update returned is exactly the param's change.
-    new_param, new_master = _master.encode_as(rule.master, p + direction, chunk.param.dtype)
-    direction = new_param.astype(direction.dtype) - chunk.param.astype(direction.dtype)
+    # and the update returned is the param's change (see jadam._master.step).
+    update, new_master = _master.step(rule.master, p + direction, chunk.param)
+    direction = update.astype(direction.dtype)
     moments = moments + (new_master,)
   return direction, moments
 
@@ -140,15 +141,24 @@ def finish(u: jax.Array, param, dtype, apply: str | None) -> jax.Array:
     param: the params (for ``apply``).
     dtype: the updates' dtype (without ``apply``).
     apply: ``None`` (updates), ``"fused"`` (``p + u`` computed in the compute
-      dtype, rounded once: :func:`jadam.step`) or ``"rounded"`` (``u`` rounded
-      to the params' dtype first, then added: ``optax.apply_updates`` after an
-      update in the params' dtype).
+      dtype, rounded once: :func:`jadam.step`) or ``"rounded"`` (``u`` as it
+      is added to ``p`` by ``optax.apply_updates``).
   """
   if apply == "fused":
     return (param.astype(u.dtype) + u).astype(param.dtype)
-  if apply == "rounded":
-    return (param + u.astype(param.dtype)).astype(param.dtype)
+  if apply == "rounded":  # what optax.apply_updates computes
+    return (param + u).astype(param.dtype)
   return u.astype(dtype)
+
+
+def update_dtype(rule: _rule.Rule, dtype) -> np.dtype:
+  """The dtype of the updates for params of ``dtype``: theirs, or float32
+  with master weights (a low-precision update could not always carry the
+  param's change exactly: see :func:`jadam._master.step`)."""
+  dtype = np.dtype(dtype)
+  if rule.master and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+    return np.dtype(np.float32)
+  return dtype
 
 
 def evaluate_schedules(hp: _rule.Hyper, count: jax.Array) -> _rule.Hyper:

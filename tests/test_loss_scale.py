@@ -131,3 +131,18 @@ def test_bad_arguments():
   assert trainer.loss_scale(state) == 8.0  # any optax optimizer, a fixed scale
   params, state, loss = trainer.step(params, state, make_batches(1)[0])
   assert np.isfinite(float(loss))
+
+
+def test_dynamic_scale_stays_within_bounds():
+  from jadam import _loss_scale  # pylint: disable=import-outside-toplevel
+  tx = _loss_scale.with_loss_scale(jadam.adam(1e-2, skip_nonfinite=True), "dynamic",
+                                   growth_interval=1)
+  params = {"w": jnp.ones(3)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for _ in range(60):  # halving every step: floored at 2**-24, never 0
+    _, state = update({"w": jnp.full(3, jnp.nan)}, state, params)
+  assert float(state.scale) == 2.0**-24
+  for _ in range(60):  # doubling every good step: capped at 2**24, never inf
+    _, state = update({"w": jnp.ones(3)}, state, params)
+  assert float(state.scale) == 2.0**24

@@ -50,7 +50,8 @@ def test_q8_round_trip_against_float64(dtype):
       [0.0, 1e-20, 1.0, -2.0, 65000.0 if dtype == jnp.float16 else 3e38]]
   ).astype(np.float32)
   for fmt in ("q8", "float32"):
-    param, state = _master.encode_as(fmt, jnp.asarray(master), dtype)
+    param = jnp.asarray(master).astype(dtype)
+    state = _master.residual(fmt, jnp.asarray(master), param)
     got = np.asarray(_master.decode(state, param), np.float64)
     p = np.asarray(param)
     np.testing.assert_array_equal(p, master.astype(dtype))  # the param: one rounding
@@ -162,6 +163,40 @@ def test_lean_state_is_at_most_7_1_bytes_per_param():
   assert plan.params + plan.grads + plan.opt_state == total
 
 
+def test_a_param_crossing_zero_lands_on_the_master_value():
+  # bfloat16 1.0078 to -0.00293: the change is not a bfloat16 number, so the
+  # update is float32 and optax.apply_updates lands on the master value.
+  param = jnp.asarray([1.0078125], jnp.bfloat16)
+  master = jnp.asarray([-0.00293], jnp.float32)
+  for fmt in ("float32", "q8"):
+    update, state = _master.step(fmt, master, param)
+    assert update.dtype == jnp.float32
+    new = optax.apply_updates(param, update)
+    assert new.dtype == jnp.bfloat16 and new[0] == master.astype(jnp.bfloat16)[0]
+    decoded = float(_master.decode(state, new)[0])
+    assert abs(decoded - float(master[0])) <= float(_master.ulp(new)[0]) / 256
+  tx = jadam.adam(1e-3, master_weights="q8")
+  params = {"w": jnp.ones(3, jnp.bfloat16)}
+  updates, _ = tx.update({"w": jnp.ones(3, jnp.bfloat16)}, tx.init(params), params)
+  assert updates["w"].dtype == jnp.float32
+
+
+def test_local_steps_restart_the_master_with_the_replicas():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  params = {"w": jnp.ones((16, 8), jnp.bfloat16)}
+  batch = {"x": np.ones((16, 16), np.float32)}
+  loss_fn = lambda p, b: jnp.mean((b["x"].astype(jnp.bfloat16) @ p["w"]).astype(jnp.float32) ** 2)
+  trainer = jadam.parallel.DataParallel(
+      loss_fn, jadam.adam(1e-4, master_weights="q8"), jax.make_mesh((8,), ("data",)),
+      strategy=jadam.parallel.LocalSteps(inner_steps=2))
+  p, s = trainer.init(params)
+  p, s, _ = trainer.step(p, s, batch)
+  assert np.any(np.asarray(s.inner.master["w"]))  # an inner step: kept below the last place
+  p, s, _ = trainer.step(p, s, batch)
+  assert not np.any(np.asarray(s.inner.master["w"]))  # the outer step: restarted
+
+
 def test_bad_master_weights():
   with pytest.raises(ValueError, match=r"master_weights=...\)` must be None, 'float32' or 'q8'"):
     jadam.adam(1e-3, master_weights="q4")
@@ -170,3 +205,9 @@ def test_bad_master_weights():
   with pytest.raises(ValueError, match="needs `params`"):
     tx.update({"w": jnp.ones(3, jnp.bfloat16)}, state)
   assert math.isclose(float(_master.ulp(jnp.asarray(1.0, jnp.bfloat16))), 2.0**-7)
+  with pytest.raises(ValueError, match="master weights take the optimizer's whole update"):
+    jadam.scale_by_adam(master_weights="q8")
+  with pytest.raises(ValueError, match=r"needs real float params; the param at \['w'\]"):
+    tx.init({"w": jnp.ones(3, jnp.complex64)})
+  with pytest.raises(ValueError, match=r"memory_plan\(master_weights=...\)` must be"):
+    jadam.memory_plan({"w": jnp.ones(3)}, strategy="plain", n_devices=1, master_weights="fp32")

@@ -320,3 +320,8 @@ def test_named_strategy_and_bad_options():
     jadam.parallel.OneBit(0)
   with pytest.raises(ValueError, match="needs one jadam optimizer"):
     jadam.parallel.DataParallel(mse, optax.adam(LR), mesh(), strategy="onebit")
+  # A wrapper that skips on each device's own gradient would split the devices.
+  with pytest.raises(ValueError, match=r"got apply_if_finite \(for skipping non-finite"):
+    jadam.parallel.DataParallel(mse, optax.apply_if_finite(jadam.adam(LR), 3), mesh(),
+                                strategy="onebit")
+  assert type(jadam.parallel.OneBit(np.int64(5)).warmup_steps) is int

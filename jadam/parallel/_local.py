@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from .._optax_state import reset_master
 from ._common import PyTree
 from ._common import apply_optimizer
 from ._common import loss_scale
@@ -134,14 +135,17 @@ class LocalStepsStrategy(_OwnState):
       count = state.count + 1
 
       def outer_step(args):
-        anchor, _, outer = args
+        anchor, _, outer, inner = args
         # The outer gradient: how far the replicas moved, averaged.
         delta = jax.lax.pmean(jax.tree.map(jnp.subtract, anchor, replica), axis)
         anchor, outer = apply_optimizer(outer_tx, delta, outer, anchor)
-        return anchor, anchor, outer  # every replica restarts from the new params
+        # Every replica restarts from the new params, which are exact: master
+        # weights (if any) start again from them.
+        return anchor, anchor, outer, reset_master(inner)
 
-      params, replica, outer = jax.lax.cond(
-          count % h == 0, outer_step, lambda args: args, (params, replica, state.outer))
+      params, replica, outer, inner = jax.lax.cond(
+          count % h == 0, outer_step, lambda args: args,
+          (params, replica, state.outer, inner))
       loss, aux = jax.lax.pmean((loss, aux), axis)
       stack = lambda x: x[None]
       return params, LocalStepsState(count, jax.tree.map(stack, replica),

@@ -70,6 +70,7 @@ class OneBit:
     if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1:
       raise ValueError(
           f"`OneBit(warmup_steps=...)` must be a positive integer, got {w!r}")
+    object.__setattr__(self, "warmup_steps", int(w))
 
 
 class OneBitState(NamedTuple):
@@ -98,27 +99,33 @@ class _PhasedStep:
   def __init__(self, strategy: "OneBitStrategy"):
     self._strategy = strategy
     self._programs = {}
-    self._last = (None, 0)  # the count array the last step returned, its value
+    # The count array the last step returned, and bounds of its value (a step
+    # skipped under skip_nonfinite does not count: the value is then only
+    # known to lie between them).
+    self._last = (None, 0, 0)
 
-  def _count(self, opt_state) -> int:
-    last, value = self._last
-    return value if opt_state.count is last else int(to_host(opt_state.count))
+  def _count_bounds(self, opt_state) -> tuple[int, int]:
+    last, low, high = self._last
+    warmup = self._strategy.options.warmup_steps
+    if opt_state.count is last and (high < warmup or low >= warmup):
+      return low, high
+    value = int(to_host(opt_state.count))  # a new state, or near the warm-up's end
+    return value, value
 
-  def _program(self, count: int):
-    compressed = count >= self._strategy.options.warmup_steps
+  def _program(self, bounds: tuple[int, int]):
+    compressed = bounds[0] >= self._strategy.options.warmup_steps
     if compressed not in self._programs:
       self._programs[compressed] = self._strategy.build_phase(compressed)
     return self._programs[compressed]
 
   def __call__(self, params, opt_state, batch):
-    count = self._count(opt_state)
-    out = self._program(count)(params, opt_state, batch)
-    # A step that may have been skipped leaves the count to be read.
-    self._last = (None, 0) if self._strategy.skips else (out[1].count, count + 1)
+    low, high = self._count_bounds(opt_state)
+    out = self._program((low, high))(params, opt_state, batch)
+    self._last = (out[1].count, low + (0 if self._strategy.skips else 1), high + 1)
     return out
 
   def lower(self, params, opt_state, batch):
-    return self._program(self._count(opt_state)).lower(params, opt_state, batch)
+    return self._program(self._count_bounds(opt_state)).lower(params, opt_state, batch)
 
 
 @register_strategy("onebit")
@@ -128,12 +135,22 @@ class OneBitStrategy(_OwnState):
 
   def __init__(self, config):
     super().__init__(config)
-    spec = _compose.jadam_spec(config.optimizer)
+    parts = _compose.parts(config.optimizer)
+    spec = parts.jadam[0] if len(parts.jadam) == 1 else None
     if spec is None:
       raise ValueError(
           "`DataParallel(strategy=OneBit(...))` needs one jadam optimizer "
           "(bare or in an optax chain): 1-bit Adam freezes its nu after the "
           f"warm-up; got {config.optimizer!r}")
+    # After the warm-up each device's optimizer sees its own gradient: a part
+    # that decides or keeps state on it would tell the devices apart.
+    if "apply_if_finite" in parts.wrappers or parts.unknown():
+      raise ValueError(
+          "`DataParallel(strategy=OneBit(...))` takes a jadam optimizer, bare or in an "
+          "optax.chain of elementwise transformations and clip_by_global_norm; got "
+          f"{', '.join(parts.unknown() + [w for w in parts.wrappers if w == 'apply_if_finite'])}"
+          " (for skipping non-finite steps, pass skip_nonfinite=True to the jadam "
+          "optimizer: every device then skips alike)")
     self.skips = spec.rule.skip_nonfinite  # whether a step may be skipped
 
   @property

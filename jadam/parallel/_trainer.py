@@ -332,7 +332,8 @@ class DataParallel:
 
   def loss_scale(self, opt_state: PyTree) -> float | None:
     """The loss scale the next :meth:`step` with ``opt_state`` uses (a
-    float), or ``None`` without ``loss_scale``."""
+    float), or ``None`` without ``loss_scale``. (Local steps: each replica
+    keeps its own; this is the first replica's.)"""
     scale = _loss_scale.scale_of(opt_state)
     if scale is None:
       return None

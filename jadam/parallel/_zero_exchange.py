@@ -134,8 +134,8 @@ def param_slices(layout: ZeroLayout, mesh: Mesh, params: PyTree) -> Packed:
 
 
 def apply_and_gather(layout: ZeroLayout, mesh: Mesh, p_slices: Packed, updates: Packed) -> PyTree:
-  """``p + u`` on every device's slice (``u`` rounded to the params' dtype first,
-  as ``optax.apply_updates`` does), then the all-gather of the new params."""
+  """``p + u`` on every device's slice (as ``optax.apply_updates`` computes
+  it), then the all-gather of the new params."""
   param_specs = layout.flat.treedef.unflatten(list(layout.specs))
 
   def per_device(p, u):
@@ -203,7 +203,8 @@ class SlicedUpdate:
       count_inc, results, finite = _update.update_chunks(
           rule, _update.merge_hyper(static_hp, dynamic_hp), state.count, chunks,
           use_wd=use_wd, scale_lr=scale_lr, finite=finite)
-      u = {b.key: layout.to_block(_update.finish(r[0], None, b.dtype, None))
+      u = {b.key: layout.to_block(_update.finish(r[0], None, _update.update_dtype(rule, b.dtype),
+                                                 None))
            for b, r in zip(layout.flat.buffers, results)}
       moments = [Packed(layout, {b.key: layout.to_block(r[1][j])
                                  for b, r in zip(layout.flat.buffers, results)})
