@@ -91,9 +91,15 @@ def apply_rule(rule: _rule.Rule, hp: _rule.Hyper, scalars: _rule.StepScalars, ch
 
 
 def all_finite(grads) -> jax.Array:
-  """Whether every element of ``grads`` (arrays) is finite: a bool scalar."""
-  flags = [jnp.all(jnp.isfinite(g)) for g in grads]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+  """Whether every element of ``grads`` (arrays) is finite: a bool scalar.
+
+  ``sum(g * 0)`` is 0 exactly when every element is finite (``0 * inf`` and
+  ``0 * nan`` are NaN, and a sum of zeros cannot overflow): a plain sum, which
+  XLA vectorizes, 4x faster on CPU than a reduction of ``isfinite`` flags.
+  """
+  sums = [jnp.sum(g * jnp.zeros([], g.dtype), dtype=jnp.result_type(g, jnp.float32))
+          for g in grads]
+  return jnp.isfinite(sum(sums)) if sums else jnp.array(True)
 
 
 def update_chunks(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunks, *,
@@ -121,16 +127,26 @@ def update_chunks(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunks, *
   hp = evaluate_schedules(hp, count)
   count_inc = _rule.safe_increment(count)
   scalars = _rule.step_scalars(rule, hp, count_inc)
-  results = [apply_rule(rule, hp, scalars, c, use_wd=use_wd, scale_lr=scale_lr)
-             for c in chunks]
+
+  def step():
+    return [apply_rule(rule, hp, scalars, c, use_wd=use_wd, scale_lr=scale_lr)
+            for c in chunks]
+
   if not rule.skip_nonfinite:
-    return count_inc, results, None
+    return count_inc, step(), None
   if finite is None:
     finite = all_finite([c.grad for c in chunks])
-  keep = lambda new, old: jnp.where(finite, new, old)
-  results = [(jnp.where(finite, u, jnp.zeros_like(u)), jax.tree.map(keep, moms, c.moments))
-             for (u, moms), c in zip(results, chunks)]
-  return keep(count_inc, count), results, finite
+
+  def skip():
+    # Zero updates in the compute dtype, the moments as they are.
+    shapes = jax.eval_shape(step)
+    return [(jnp.zeros(u.shape, u.dtype), c.moments) for (u, _), c in zip(shapes, chunks)]
+
+  # A conditional, not a select: the update pass runs only on a finite
+  # gradient (a select of new against old values took 2.5x the time of the
+  # update on CPU; the conditional adds about 30%: BENCHMARKS.md).
+  results = jax.lax.cond(finite, step, skip)
+  return jnp.where(finite, count_inc, count), results, finite
 
 
 def finish(u: jax.Array, param, dtype, apply: str | None) -> jax.Array:
