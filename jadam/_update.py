@@ -120,9 +120,10 @@ def update_chunks(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunks, *
   Returns:
     ``(count + 1, [(update, new_moments) per chunk], finite)``; updates are in
     the compute dtype (see :func:`finish`), moments in their stored dtypes.
-    With ``rule.skip_nonfinite`` and a gradient that is not finite: zero
-    updates, the moments as they were and ``count`` (selected inside the same
-    elementwise pass); ``finite`` is ``None`` without ``skip_nonfinite``.
+    With ``rule.skip_nonfinite`` the update runs under a conditional on
+    ``finite``; on a gradient that is not finite: zero updates, the moments
+    as they were and ``count``. ``finite`` is ``None`` without
+    ``skip_nonfinite``.
   """
   hp = evaluate_schedules(hp, count)
   count_inc = _rule.safe_increment(count)
