@@ -204,10 +204,8 @@ def _functional_hyper(fn, learning_rate, b1, b2, eps, eps_root, weight_decay):
 
 
 def _functional_rule(fn: str, nesterov, skip_nonfinite) -> _rule.Rule:
-  if not isinstance(skip_nonfinite, (bool, np.bool_)):
-    raise ValueError(f"`{fn}(skip_nonfinite=...)` must be True or False, "
-                     f"got {skip_nonfinite!r}")
-  return _rule.Rule("adam", nesterov=bool(nesterov), skip_nonfinite=bool(skip_nonfinite))
+  return _rule.Rule("adam", nesterov=bool(nesterov),
+                    skip_nonfinite=V.check_bool(fn, "skip_nonfinite", skip_nonfinite))
 
 
 def update(

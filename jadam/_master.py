@@ -30,6 +30,13 @@ FORMATS = ("float32", "q8")
 _DTYPES = {"float32": np.dtype(np.float32), "q8": np.dtype(np.int8)}
 
 
+def check_format(fn: str, name: str, value) -> None:
+  """Raises a ValueError naming the argument unless ``value`` is ``None`` or
+  one of :data:`FORMATS`."""
+  if value is not None and value not in FORMATS:
+    raise ValueError(f"`{fn}({name}=...)` must be None, 'float32' or 'q8', got {value!r}")
+
+
 def state_dtype(fmt: str) -> np.dtype:
   """The dtype of the master state of format ``fmt``."""
   return _DTYPES[fmt]

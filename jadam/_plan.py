@@ -30,6 +30,7 @@ import numpy as np
 
 from . import _compose
 from . import _flat
+from . import _master
 from . import _quant
 from . import _rule
 from . import _validate as V
@@ -209,19 +210,11 @@ def memory_plan(
     1.0
   """
   V.check_choice("jadam.memory_plan", "strategy", strategy, STRATEGIES)
-  if (isinstance(n_devices, bool) or not isinstance(n_devices, (int, np.integer))
-      or n_devices < 1):
-    raise ValueError("`jadam.memory_plan(n_devices=...)` must be a positive "
-                     f"integer, got {n_devices!r}")
-  if (isinstance(accumulation_steps, bool)
-      or not isinstance(accumulation_steps, (int, np.integer)) or accumulation_steps < 1):
-    raise ValueError("`jadam.memory_plan(accumulation_steps=...)` must be a "
-                     f"positive integer, got {accumulation_steps!r}")
+  V.check_positive_int("jadam.memory_plan", "n_devices", n_devices)
+  V.check_positive_int("jadam.memory_plan", "accumulation_steps", accumulation_steps)
   mu_dtype = _quant.resolve("jadam.memory_plan", "mu_dtype", mu_dtype)
   nu_dtype = _quant.resolve("jadam.memory_plan", "nu_dtype", nu_dtype)
-  if master_weights not in (None, "float32", "q8"):
-    raise ValueError("`jadam.memory_plan(master_weights=...)` must be None, 'float32' or "
-                     f"'q8', got {master_weights!r}")
+  _master.check_format("jadam.memory_plan", "master_weights", master_weights)
   if master_weights is not None and optimizer is not None:
     raise ValueError(
         "`jadam.memory_plan(master_weights=...)` is for the default optimizer; pass "

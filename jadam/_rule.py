@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _master
+
 KINDS = ("adam", "amsgrad", "adamax", "radam")
 
 
@@ -63,9 +65,7 @@ class Rule:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"Rule(kind=...) must be one of {KINDS}, got {self.kind!r}")
-    if self.master not in (None, "float32", "q8"):
-      raise ValueError(
-          f"Rule(master=...) must be None, 'float32' or 'q8', got {self.master!r}")
+    _master.check_format("Rule", "master", self.master)
     if not isinstance(self.nu_frozen_at, int) or self.nu_frozen_at < 0:
       raise ValueError(
           f"Rule(nu_frozen_at=...) must be a non-negative int, got {self.nu_frozen_at!r}")

@@ -14,12 +14,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from . import _compose
 from . import _core
 from . import _flat
+from . import _master
 from . import _optax_state
 from . import _quant
 from . import _validate as V
@@ -110,19 +110,15 @@ def build(spec: _core.OptimizerSpec, layout: str, skip_nonfinite: bool = False,
           master_weights: str | None = None) -> optax.GradientTransformationExtraArgs:
   spec.validate()
   V.check_choice(spec.name, "layout", layout, LAYOUTS)
-  if not isinstance(skip_nonfinite, (bool, np.bool_)):
-    raise ValueError(f"`{spec.name}(skip_nonfinite=...)` must be True or False, "
-                     f"got {skip_nonfinite!r}")
-  if master_weights not in (None, "float32", "q8"):
-    raise ValueError(f"`{spec.name}(master_weights=...)` must be None, 'float32' or "
-                     f"'q8', got {master_weights!r}")
+  skip_nonfinite = V.check_bool(spec.name, "skip_nonfinite", skip_nonfinite)
+  _master.check_format(spec.name, "master_weights", master_weights)
   if master_weights is not None and spec.learning_rate is None:
     raise ValueError(
         f"`{spec.name}(master_weights=...)`: master weights take the optimizer's whole "
         "update, learning rate included; scale_by_adam has none (use jadam.adam, or "
         "another jadam optimizer with a learning rate, as the chain's last part)")
   spec = spec._replace(
-      rule=dataclasses.replace(spec.rule, skip_nonfinite=bool(skip_nonfinite),
+      rule=dataclasses.replace(spec.rule, skip_nonfinite=skip_nonfinite,
                                master=master_weights),
       mu_dtype=_quant.resolve(spec.name, "mu_dtype", spec.mu_dtype),
       nu_dtype=_quant.resolve(spec.name, "nu_dtype", spec.nu_dtype),

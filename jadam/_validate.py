@@ -31,6 +31,22 @@ def _concrete_scalar(fn: str, name: str, value) -> float | None:
   return float(arr)
 
 
+def check_bool(fn: str, name: str, value) -> bool:
+  """``value`` as a Python bool; raises a ValueError naming the argument
+  unless it is True or False (a NumPy bool too)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"`{fn}({name}=...)` must be True or False, got {value!r}")
+  return bool(value)
+
+
+def check_positive_int(fn: str, name: str, value) -> int:
+  """``value`` as a Python int; raises a ValueError naming the argument unless
+  it is a positive integer (a Python or NumPy integer, not a bool)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"`{fn}({name}=...)` must be a positive integer, got {value!r}")
+  return int(value)
+
+
 def check_range(
     fn: str, name: str, value, *, low: float, high: float | None = None,
     high_open: bool = True, allow_schedule: bool = False,

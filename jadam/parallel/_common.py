@@ -21,7 +21,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 
-from .. import _loss_scale
+# The loss scale held in an optimizer state (DataParallel(loss_scale=...)), or None.
+from .._loss_scale import scale_of as loss_scale  # noqa: F401  (used by the strategies)
 
 PyTree = Any
 # Cuts a batch leaf into micro-batches: (b, ...) -> (k, b // k, ...).
@@ -211,7 +212,7 @@ def mean_loss_and_grads(
     params: the parameters to differentiate with respect to.
     batch: this call's batch (one device's share, or the global batch).
     split: maps a batch leaf to ``(k, leaf.shape[0] // k, ...)``.
-    scale: the loss scale (see :func:`loss_scale`), or ``None``: the loss is
+    scale: the loss scale (``loss_scale(opt_state)``), or ``None``: the loss is
       multiplied by it before differentiation and the gradient stays scaled
       (the optimizer unscales it); the loss returned is unscaled.
 
@@ -245,12 +246,6 @@ def mean_loss_and_grads(
   loss = jnp.mean(losses, axis=0)
   aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxes)
   return unscale(loss), aux, grads
-
-
-def loss_scale(opt_state: PyTree) -> jax.Array | None:
-  """The loss scale held in ``opt_state`` (``DataParallel(loss_scale=...)``),
-  or ``None``."""
-  return _loss_scale.scale_of(opt_state)
 
 
 def apply_optimizer(

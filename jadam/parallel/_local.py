@@ -25,10 +25,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from .. import _validate as V
 from .._optax_state import reset_master
 from ._common import PyTree
 from ._common import apply_optimizer
@@ -57,10 +57,8 @@ class LocalSteps:
   name = "local"
 
   def __post_init__(self):
-    h = self.inner_steps
-    if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1:
-      raise ValueError(
-          f"`LocalSteps(inner_steps=...)` must be a positive integer, got {h!r}")
+    object.__setattr__(self, "inner_steps",
+                       V.check_positive_int("LocalSteps", "inner_steps", self.inner_steps))
     tx = self.outer_optimizer
     if tx is not None and not (callable(getattr(tx, "init", None))
                                and callable(getattr(tx, "update", None))):

@@ -37,6 +37,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from .. import _compose
+from .. import _validate as V
 from .._packed import Packed
 from .._transformation import EXCHANGE_ARG
 from ._common import PyTree
@@ -66,11 +67,8 @@ class OneBit:
   name = "onebit"
 
   def __post_init__(self):
-    w = self.warmup_steps
-    if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1:
-      raise ValueError(
-          f"`OneBit(warmup_steps=...)` must be a positive integer, got {w!r}")
-    object.__setattr__(self, "warmup_steps", int(w))
+    object.__setattr__(self, "warmup_steps",
+                       V.check_positive_int("OneBit", "warmup_steps", self.warmup_steps))
 
 
 class OneBitState(NamedTuple):
