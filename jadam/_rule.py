@@ -111,6 +111,11 @@ class StepScalars(NamedTuple):
 
 def safe_increment(count: jax.Array) -> jax.Array:
   """``count + 1`` saturating at the dtype's maximum (as optax does)."""
+  if not jnp.issubdtype(count.dtype, jnp.integer):
+    raise TypeError(
+        "the optimizer state's step `count` must be an integer array (int32, "
+        f"as `init` makes it), got {count.dtype}: was the state built or "
+        "converted by hand? Start from `optimizer.init(params)`")
   max_value = jnp.array(jnp.iinfo(count.dtype).max, count.dtype)
   return jnp.where(count < max_value, count + jnp.array(1, count.dtype), max_value)
 

@@ -20,6 +20,7 @@ import sys
 import jax
 import numpy as np
 
+from . import _validate as V
 from ._plan import memory_plan
 
 STRATEGIES = ("plain", "zero1", "zero2", "fsdp", "onebit", "local")
@@ -27,6 +28,11 @@ STRATEGIES = ("plain", "zero1", "zero2", "fsdp", "onebit", "local")
 
 def _tree(num_params: int, leaves: int, dtype) -> list:
   """``num_params`` parameters split over ``leaves`` leaves (shapes only)."""
+  V.check_positive_int("jadam.plan.plan_rows", "num_params", num_params)
+  V.check_positive_int("jadam.plan.plan_rows", "leaves", leaves)
+  if leaves > num_params:
+    raise ValueError(f"`jadam.plan.plan_rows(leaves=...)` cannot exceed "
+                     f"num_params={num_params}, got {leaves}")
   base, extra = divmod(num_params, leaves)
   return [jax.ShapeDtypeStruct((base + (i < extra),), dtype) for i in range(leaves)]
 
@@ -203,18 +209,31 @@ def format_comm(rows: list[dict], num_params: int, *, markdown: bool = False) ->
                    for row in [header] + body)
 
 
+def _count(text: str) -> int:
+  """An argparse type: a positive whole number, written as an int or a float
+  such as ``7e9``."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+  if not np.isfinite(value) or value < 1 or value != int(value):
+    raise argparse.ArgumentTypeError(
+        f"expected a positive whole number (such as 7e9), got {text!r}")
+  return int(value)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m jadam.plan",
       description="Bytes per device of params, gradients and Adam state for "
                   "plain data parallelism, ZeRO stages 1 and 2, FSDP, 1-bit Adam "
                   "and local steps.")
-  parser.add_argument("--params", type=float, default=1e9,
+  parser.add_argument("--params", type=_count, default=10**9,
                       help="number of parameters (e.g. 7e9)")
-  parser.add_argument("--leaves", type=int, default=1,
+  parser.add_argument("--leaves", type=_count, default=1,
                       help="split the parameters over this many leaves")
   parser.add_argument("--param-dtype", default="float32")
-  parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 8],
+  parser.add_argument("--devices", type=_count, nargs="+", default=[1, 2, 8],
                       help="data-axis device counts")
   parser.add_argument("--moments", nargs="+", default=["float32", "bfloat16"],
                       help="moment dtypes (mu and nu)")
@@ -227,7 +246,7 @@ def main(argv=None) -> int:
                       help="count master weights for low-precision params")
   parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
                       choices=STRATEGIES)
-  parser.add_argument("--accumulation-steps", type=int, default=1)
+  parser.add_argument("--accumulation-steps", type=_count, default=1)
   parser.add_argument("--markdown", action="store_true",
                       help="print a Markdown table")
   parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
@@ -235,9 +254,11 @@ def main(argv=None) -> int:
                       help="build trainers on real (or fake CPU) devices and "
                            "measure bytes per device and comm bytes per step "
                            "(an MLP of about --params parameters)")
-  parser.add_argument("--fake-devices", type=int, metavar="N",
+  parser.add_argument("--fake-devices", type=_count, metavar="N",
                       help="with --measure on CPU: use N fake CPU devices")
   args = parser.parse_args(argv)
+  if args.leaves > args.params:
+    parser.error(f"--leaves ({args.leaves}) cannot exceed --params ({args.params})")
   if args.mu_dtype or args.nu_dtype:
     args.moments = [(args.mu_dtype or "float32", args.nu_dtype or "float32")]
 
@@ -246,7 +267,7 @@ def main(argv=None) -> int:
       jax.config.update("jax_platforms", "cpu")
       jax.config.update("jax_num_cpu_devices", args.fake_devices)
     devices = [n for n in args.devices if n <= jax.device_count()]
-    result = measure(int(args.params), devices, args.moments)
+    result = measure(args.params, devices, args.moments)
     print(f"measured on {jax.device_count()} {jax.devices()[0].platform} "
           f"device(s): an MLP of {result['num_params']:,} float32 params")
     print("\nbytes per parameter per device (params and state from "
@@ -262,7 +283,7 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=2)
     return 0 if not mismatched else 1
 
-  num_params = int(args.params)
+  num_params = args.params
   rows = plan_rows(num_params, args.devices, args.moments,
                    param_dtype=args.param_dtype, leaves=args.leaves,
                    strategies=args.strategies,

@@ -23,6 +23,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 
 # The loss scale held in an optimizer state (DataParallel(loss_scale=...)), or None.
 from .._loss_scale import scale_of as loss_scale  # noqa: F401  (used by the strategies)
+from . import _checks
 
 PyTree = Any
 # Cuts a batch leaf into micro-batches: (b, ...) -> (k, b // k, ...).
@@ -120,6 +121,7 @@ class Strategy(abc.ABC):
     return self._step_fn
 
   def step(self, params, opt_state, batch):
+    _checks.live(params, opt_state)  # a donated array would crash the process
     batch = self.place_batch(batch)
     # The step runs under the strategy's own mesh, so a caller's context mesh
     # (say an Explicit one set with `jax.set_mesh`) cannot clash with it.
@@ -220,8 +222,7 @@ def mean_loss_and_grads(
     ``(loss, aux, grads)``; ``aux`` is ``None`` unless ``config.has_aux``.
   """
   def loss_and_aux(p, b):
-    out = config.loss_fn(p, b)
-    loss, aux = out if config.has_aux else (out, None)
+    loss, aux = _checks.loss_output(config.loss_fn(p, b), config.has_aux)
     return (loss if scale is None else loss * scale), aux
 
   value_and_grad = jax.value_and_grad(loss_and_aux, has_aux=True)
@@ -306,6 +307,10 @@ def check_batch(config: StepConfig, batch: PyTree) -> list:
         "all `batch` leaves must have the same leading (batch) size; got "
         + ", ".join(f"{where(p)}: {s}" for (p, _), s in zip(leaves, sizes)))
   size = sizes[0]
+  if size == 0:
+    raise ValueError(
+        "the global batch is empty (0 rows): every `batch` leaf needs at least "
+        f"{n * k} rows (one per device{' and micro-batch' if k > 1 else ''})")
   if size % (n * k):
     share = "" if n_local == n else (
         f" (this process's share is {size * n_local // n} rows for its "

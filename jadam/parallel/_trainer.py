@@ -11,6 +11,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from . import _checks
 from . import _strategies  # noqa: F401  (registers the built-in strategies)
 from ._common import PyTree
 from ._common import StepConfig
@@ -312,11 +313,31 @@ class DataParallel:
       ValueError: when the batch leaves have no common leading size or it
         does not divide over the devices and micro-batches.
     """
-    params, opt_state, loss, aux = self._strategy.step(
-        params, opt_state, batch)
+    try:
+      params, opt_state, loss, aux = self._strategy.step(
+          params, opt_state, batch)
+    except (ValueError, TypeError) as e:
+      problem = self._layout_mismatch(params, opt_state)
+      if problem is None:
+        raise
+      raise ValueError(f"`DataParallel.step`: {problem}. Pass the params and "
+                       "opt_state that `init` (or the last `step`, or "
+                       "`Checkpointer.restore`) returned") from e
     if self._config.has_aux:
       return params, opt_state, (loss, aux)
     return params, opt_state, loss
+
+  def _layout_mismatch(self, params, opt_state) -> str | None:
+    """How params / opt_state differ from this trainer's layout (after a step
+    failed), or ``None``."""
+    if self._params_template is None:
+      return None
+    try:
+      want_params, want_state = self.abstract_state()
+    except Exception:  # pylint: disable=broad-except
+      return None
+    return (_checks.mismatch("params", params, want_params)
+            or _checks.mismatch("opt_state", opt_state, want_state))
 
   def lower(self, params: PyTree, opt_state: PyTree,
             batch: PyTree) -> jax.stages.Lowered:
