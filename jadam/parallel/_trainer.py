@@ -317,6 +317,10 @@ class DataParallel:
       params, opt_state, loss, aux = self._strategy.step(
           params, opt_state, batch)
     except (ValueError, TypeError) as e:
+      # An error from deep inside JAX: say which argument does not fit (the
+      # step's own checks already name theirs).
+      if "DataParallel.step" in str(e):
+        raise
       problem = self._layout_mismatch(params, opt_state)
       if problem is None:
         raise
