@@ -7,6 +7,9 @@ in tests/test_multiprocess.py)."""
 
 from __future__ import annotations
 
+import functools
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -154,10 +157,22 @@ def dp_loss(params, batch):
           + jnp.mean(batch["poison"]) * extra[-1])
 
 
-def dp_train(strategy, bs, tx=None, **kwargs):
+def _dp_trainer(strategy, tx=None, **kwargs):
   mesh = jax.make_mesh((8,), ("data",))
   tx = tx or jadam.adamw(LR, weight_decay=0.1, skip_nonfinite=True)
-  trainer = jadam.parallel.DataParallel(dp_loss, tx, mesh, strategy=strategy, **kwargs)
+  return jadam.parallel.DataParallel(dp_loss, tx, mesh, strategy=strategy, **kwargs)
+
+
+# One trainer (one compiled step) per strategy and layout for the runs with
+# and without the bad step.
+_shared_trainer = functools.lru_cache(maxsize=None)(_dp_trainer)
+
+
+def dp_train(strategy, bs, tx=None, **kwargs):
+  if tx is None and isinstance(strategy, str) and set(kwargs) <= {"layout"}:
+    trainer = _shared_trainer(strategy, **kwargs)
+  else:
+    trainer = _dp_trainer(strategy, tx, **kwargs)
   params, state = trainer.init(dp_params())
   history = []
   for b in bs:
@@ -169,17 +184,47 @@ def dp_train(strategy, bs, tx=None, **kwargs):
 SYNC = ("shard_map", "jit", "pmap", "zero1", "zero2", "fsdp")
 
 
-@pytest.mark.parametrize("strategy", SYNC)
-def test_every_strategy_skips_on_every_device(strategy):
+@functools.lru_cache(maxsize=None)
+def clean_run(strategy, layout):
+  """The last (params, state) of a run that never saw step BAD."""
+  return dp_train(strategy, without_bad_step(batches()), layout=layout)[-1]
+
+
+@pytest.mark.parametrize(
+    "strategy,layout,bad",
+    [(s, "tree", np.nan) for s in SYNC] + [(s, "tree", np.inf) for s in SYNC]
+    + [("shard_map", "flat", np.nan), ("jit", "flat", -np.inf)])
+def test_every_strategy_skips_on_every_device(strategy, layout, bad):
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices")
-  history = dp_train(strategy, batches(np.nan))
+  history = dp_train(strategy, batches(bad), layout=layout)
   taken = lambda h: (h[0], h[1].inner_state)  # params and state, not the counters
   # Under ZeRO only one device's slice holds the NaN: all devices skip.
   chex.assert_trees_all_equal(taken(history[BAD - 1]), taken(history[BAD - 2]))
   assert int(history[BAD - 1][1].total_notfinite) == 1
-  clean = dp_train(strategy, without_bad_step(batches()))
-  chex.assert_trees_all_equal(taken(history[-1]), taken(clean[-1]))
+  chex.assert_trees_all_equal(taken(history[-1]), taken(clean_run(strategy, layout)))
+
+
+@pytest.mark.parametrize("strategy", SYNC)
+def test_the_flag_rides_with_the_loss(strategy):
+  """All devices agree on skipping at no extra collective: the compiled
+  step with skip_nonfinite has the all-reduces of the step without it (one,
+  the loss's, carrying the flag under ZeRO and FSDP, where each device holds a
+  slice of the gradient; the others check the all-reduced gradient)."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  mesh = jax.make_mesh((8,), ("data",))
+
+  def all_reduces(skip):
+    trainer = jadam.parallel.DataParallel(
+        mse, jadam.adam(LR, skip_nonfinite=skip), mesh, strategy=strategy)
+    params, state = trainer.init(init_params())
+    text = trainer.lower(params, state, make_batches(1)[0]).compile().as_text()
+    return [line for line in text.splitlines()
+            if re.search(r" all-reduce(-start)?\(", line)]
+
+  with_skip = all_reduces(True)
+  assert len(with_skip) == len(all_reduces(False)) == 1, with_skip
 
 
 def test_onebit_keeps_its_error_feedback_on_a_bad_step():

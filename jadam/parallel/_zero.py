@@ -258,20 +258,21 @@ class ZeroStrategy(Strategy):
     return jax.tree.map(split, batch)
 
   def reduced_grads(self, layout: ZeroLayout, params, batch, scale=None):
-    """``(loss, aux, grad_slices)``: the mean loss and aux over the batch and
-    each device's slice of the mean gradient (stage 1: one reduce-scatter of
-    the accumulated gradient)."""
-    loss, aux, grads = self.local_grads(self.config, layout, params,
-                                        self.split_batch(batch), scale)
+    """``(device_losses, aux, grad_slices)``: each device's mean loss over its
+    share (shape ``(N,)``), the mean aux over the batch and each device's
+    slice of the mean gradient (stage 1: one reduce-scatter of the
+    accumulated gradient)."""
+    losses, aux, grads = self.local_grads(self.config, layout, params,
+                                          self.split_batch(batch), scale)
     slices = reduce_scatter_grads(layout, self.mesh, grads)
-    loss, aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), (loss, aux))
-    return loss, aux, slices
+    aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
+    return losses, aux, slices
 
   def step_body(self, params, opt_state, batch):
     layout = _state_layout(opt_state)
-    loss, aux, slices = self.reduced_grads(layout, params, batch, loss_scale(opt_state))
+    losses, aux, slices = self.reduced_grads(layout, params, batch, loss_scale(opt_state))
     p_slices = param_slices(layout, self.mesh, params)
-    sliced = SlicedUpdate(layout, self.mesh)
+    sliced = SlicedUpdate(layout, self.mesh, losses)
     updates, opt_state = self.config.optimizer.update(
         Packed(layout, slices), opt_state, p_slices, **{SLICES_ARG: sliced})
     if sliced.calls != 1:
@@ -279,6 +280,8 @@ class ZeroStrategy(Strategy):
           f"zero{self.stage}: the jadam optimizer inside the optimizer was "
           f"called {sliced.calls} times in one step (once expected); does a "
           "wrapper drop the extra argument `jadam_slices`?")
+    # Under skip_nonfinite the update averaged the losses with its flag.
+    loss = sliced.mean_loss if sliced.mean_loss is not None else jnp.mean(losses, axis=0)
     params = apply_and_gather(layout, self.mesh, p_slices, updates)
     return params, opt_state, loss, aux
 
@@ -329,5 +332,5 @@ class Zero2Strategy(ZeroStrategy):
            for b in layout.flat.buffers}
     acc, (losses, auxes) = jax.lax.scan(one, acc, micro)
     slices = {b.key: (acc[b.key] / k).astype(b.dtype) for b in layout.flat.buffers}
-    loss, aux = jax.tree.map(lambda x: jnp.mean(x, axis=(0, 1)), (losses, auxes))
-    return loss, aux, slices
+    aux = jax.tree.map(lambda x: jnp.mean(x, axis=(0, 1)), auxes)
+    return jnp.mean(losses, axis=0), aux, slices

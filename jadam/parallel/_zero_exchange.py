@@ -160,10 +160,15 @@ class SlicedUpdate:
   their partial sums over the devices (:class:`SliceSegments`).
   """
 
-  def __init__(self, layout: ZeroLayout, mesh: Mesh):
+  def __init__(self, layout: ZeroLayout, mesh: Mesh, device_losses=None):
     self.layout = layout
     self.mesh = mesh
     self.calls = 0  # how many jadam optimizers used it while the step traced
+    # Each device's loss, shape (N,) sharded over the data axis: under
+    # skip_nonfinite the update averages it in the same all-reduce as the
+    # finiteness flag and leaves the mean in `mean_loss`.
+    self.device_losses = device_losses
+    self.mean_loss = None
 
   def update(self, spec: _core.OptimizerSpec, hp, decay_mask, updates, state, params):
     """``(updates, state, finite)`` of the optimizer ``spec`` (at the
@@ -187,19 +192,31 @@ class SlicedUpdate:
     state_specs = _core.state_class(rule)(
         P(), *(layout.state_spec for _ in rule.moment_names))
 
-    def per_device(dynamic_hp, g, state, p):
+    with_loss = rule.skip_nonfinite and self.device_losses is not None
+
+    def per_device(dynamic_hp, g, state, p, losses):
       d = jax.lax.axis_index(layout.axis_name)
       chunks = [_update.Chunk(
           layout.local_buffer(g[b.key]),
           tuple(layout.local_buffer(getattr(state, n)[b.key]) for n in rule.moment_names),
           layout.local_buffer(p[b.key]), SliceSegments(layout, b.key, d),
           tuple(decay_mask[i] for i in b.leaves)) for b in layout.flat.buffers]
-      finite = None
+      finite = mean_loss = None
       if rule.skip_nonfinite:
         # Each device sees its slice: every device must skip if any slice is
-        # not finite (one scalar all-reduce over the mesh).
-        local = _update.all_finite([c.grad for c in chunks]).astype(jnp.int32)
-        finite = jax.lax.pmin(local, tuple(self.mesh.axis_names)).astype(bool)
+        # not finite. The count of bad slices rides with the loss in one
+        # all-reduce over the data axis (other mesh axes add a scalar one).
+        bad = 1 - _update.all_finite([c.grad for c in chunks]).astype(jnp.float32)
+        if with_loss:
+          both = jax.lax.psum(jnp.stack([losses[0].astype(jnp.float32), bad]),
+                              layout.axis_name)
+          mean_loss = (both[0] / layout.num_shards).astype(losses.dtype)
+          bad = both[1]
+        others = tuple(a for a in self.mesh.axis_names
+                       if a != layout.axis_name or not with_loss)
+        if others:
+          bad = jax.lax.psum(bad, others)
+        finite = bad == 0
       count_inc, results, finite = _update.update_chunks(
           rule, _update.merge_hyper(static_hp, dynamic_hp), state.count, chunks,
           use_wd=use_wd, scale_lr=scale_lr, finite=finite)
@@ -209,12 +226,18 @@ class SlicedUpdate:
       moments = [Packed(layout, {b.key: layout.to_block(r[1][j])
                                  for b, r in zip(layout.flat.buffers, results)})
                  for j in range(len(rule.moment_names))]
-      return Packed(layout, u), _core.state_class(rule)(count_inc, *moments), finite
+      return (Packed(layout, u), _core.state_class(rule)(count_inc, *moments), finite,
+              mean_loss)
 
     # check_vma=False: nothing here is differentiated, and the buffers mix
     # leaves sharded over the other axes with replicated ones.
-    return jax.shard_map(
+    losses = self.device_losses if with_loss else jnp.zeros((layout.num_shards,))
+    updates, state, finite, mean_loss = jax.shard_map(
         per_device, mesh=self.mesh,
-        in_specs=(P(), layout.state_spec, state_specs, layout.state_spec),
-        out_specs=(layout.state_spec, state_specs, P()),
-        check_vma=False)(dynamic_hp, updates, state, params)
+        in_specs=(P(), layout.state_spec, state_specs, layout.state_spec,
+                  P(layout.axis_name)),
+        out_specs=(layout.state_spec, state_specs, P(), P()),
+        check_vma=False)(dynamic_hp, updates, state, params, losses)
+    if with_loss:
+      self.mean_loss = mean_loss
+    return updates, state, finite
