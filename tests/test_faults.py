@@ -173,3 +173,17 @@ def test_plan_rows_rejects_bad_counts():
   with pytest.raises(ValueError, match=r"plan_rows\(leaves=...\)` must be a "
                      r"positive integer, got 0"):
     plan.plan_rows(10, [1], ["float32"], leaves=0)
+
+
+def test_init_and_has_aux_are_checked():
+  with pytest.raises(ValueError, match=r"`DataParallel\(has_aux=...\)` must be "
+                     r"True or False, got 'yes'"):
+    _trainer(has_aux="yes")
+  trainer = _trainer()
+  for bad in (None, {}, {"w": None}):
+    with pytest.raises(ValueError, match=r"`DataParallel.init\(params=...\)` must "
+                       r"contain at least one array"):
+      trainer.init(bad)
+  with pytest.raises(ValueError, match=r"the leaf at \['b'\] must be an array, "
+                     r"got str 'abc'"):
+    trainer.init({"w": np.ones(2, np.float32), "b": "abc"})

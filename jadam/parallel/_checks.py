@@ -99,3 +99,23 @@ def mismatch(name: str, given: PyTree, expected: PyTree) -> str | None:
               f"{np.dtype(dtype).name}; this trainer's layout expects "
               f"{tuple(w.shape)} {np.dtype(w.dtype).name}")
   return None
+
+
+def params(tree: PyTree) -> None:
+  """Raises a ValueError unless ``tree`` (``DataParallel.init``'s params)
+  has at least one leaf and every leaf is a numeric array."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  if not leaves:
+    raise ValueError("`DataParallel.init(params=...)` must contain at least one "
+                     f"array to train, got {tree!r}")
+  for path, x in leaves:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+      try:
+        dtype = np.asarray(x).dtype
+      except Exception:  # pylint: disable=broad-except
+        dtype = np.dtype(object)
+    if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+      raise ValueError(
+          f"`DataParallel.init(params=...)`: the leaf at {_where(path)} must "
+          f"be an array, got {type(x).__name__} {x!r:.60}")

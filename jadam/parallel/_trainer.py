@@ -17,6 +17,7 @@ from ._common import PyTree
 from ._common import StepConfig
 from ._common import get_strategy
 from .. import _flat
+from .. import _validate as V
 from .. import _loss_scale
 from .._layout import FlatLayout
 from .._packed import Packed
@@ -202,7 +203,7 @@ class DataParallel:
         optimizer=optimizer,
         mesh=mesh,
         axis_name=axis_name,
-        has_aux=bool(has_aux),
+        has_aux=V.check_bool("DataParallel", "has_aux", has_aux),
         accumulation_steps=accumulation_steps,
         options=options,
     )
@@ -250,6 +251,7 @@ class DataParallel:
       the params are a :class:`jadam.Packed` value that carries its
       :class:`jadam.FlatLayout` (``params.layout``).
     """
+    _checks.params(params)
     if self._layout == "flat":
       params = self._flat_layout(params).pack(params)
     self._params_template = _shape_dtypes(params)
