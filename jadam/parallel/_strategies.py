@@ -67,6 +67,14 @@ class _Replicated(Strategy):
   def gather(self, tree):
     return jax.tree.map(to_host, tree)
 
+  def abstract_state(self, params):
+    """``(params, opt_state)`` as ``init`` makes them (``ShapeDtypeStruct``)."""
+    bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    state = jax.eval_shape(self.config.optimizer.init, bare)
+    replicated = self.replicated()
+    place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+    return jax.tree.map(place, bare), jax.tree.map(place, state)
+
 
 class _OwnState(_Replicated):
   """Replicated params and an optimizer state of the strategy's own (local
@@ -231,6 +239,17 @@ class PmapStrategy(Strategy):
     return jax.make_array_from_single_device_arrays(
         (len(self.local_devices),) + x.shape, sharding,
         [jax.device_put(row, d) for d in self.local_devices])
+
+  def abstract_state(self, params):
+    """``(params, opt_state)`` as ``init`` makes them: a leading axis of one
+    replica per local device (``ShapeDtypeStruct``)."""
+    bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    state = jax.eval_shape(self.config.optimizer.init, bare)
+    n = len(self.local_devices)
+    sharding = NamedSharding(self._local_mesh, P(self.config.axis_name))
+    stack = lambda x: jax.ShapeDtypeStruct((n,) + tuple(x.shape), x.dtype,
+                                           sharding=sharding)
+    return jax.tree.map(stack, bare), jax.tree.map(stack, state)
 
   def init(self, params):
     params = jax.tree.map(self._stack, params)

@@ -409,26 +409,11 @@ def _shape_dtypes(params: PyTree) -> PyTree:
 
 
 def _abstract_state(strategy, params: PyTree) -> tuple[PyTree, PyTree]:
-  """A strategy's ``abstract_state`` if it has one, else the layout of the
-  built-in replicated (``shard_map``, ``jit``) and ``pmap`` strategies."""
+  """The strategy's ``abstract_state`` (every built-in strategy has one)."""
   own = getattr(strategy, "abstract_state", None)
-  if own is not None:
-    return own(params)
-  optimizer = strategy.config.optimizer
-  bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  state = jax.eval_shape(optimizer.init, bare)
-  if isinstance(strategy, _strategies.PmapStrategy):
-    n = len(strategy.local_devices)
-    sharding = NamedSharding(strategy._local_mesh,  # pylint: disable=protected-access
-                             jax.sharding.PartitionSpec(strategy.config.axis_name))
-    stack = lambda x: jax.ShapeDtypeStruct((n,) + tuple(x.shape), x.dtype,
-                                           sharding=sharding)
-    return jax.tree.map(stack, bare), jax.tree.map(stack, state)
-  if isinstance(strategy, _strategies._Replicated):  # pylint: disable=protected-access
-    sharding = strategy.replicated()
-    place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return jax.tree.map(place, bare), jax.tree.map(place, state)
-  raise NotImplementedError(
-      f"strategy {type(strategy).__name__} does not describe its layout: give "
-      "it an `abstract_state(params) -> (params, opt_state)` method returning "
-      "jax.ShapeDtypeStruct leaves with shardings")
+  if own is None:
+    raise NotImplementedError(
+        f"strategy {type(strategy).__name__} does not describe its layout: give "
+        "it an `abstract_state(params) -> (params, opt_state)` method returning "
+        "jax.ShapeDtypeStruct leaves with shardings")
+  return own(params)
