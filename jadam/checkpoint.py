@@ -1,20 +1,42 @@
-"""Checkpoints of a data-parallel run that restore onto any device count.
+"""Checkpoints of a data-parallel run that restore onto any device count and
+detect damage.
 
 :class:`Checkpointer` wraps orbax-checkpoint's ``CheckpointManager``: each
 step is a directory with the params and the optimizer state (written by
 tensorstore, shard by shard from the devices that hold them, so a ZeRO state
 is never gathered) and a small JSON description of both (paths, shapes,
-dtypes). Nothing is pickled.
+dtypes, checksums). Nothing is pickled.
 
 Restoring goes *into a trainer*: the arrays land directly in that trainer's
 mesh and layout (orbax reads each device's slice from the files), whatever
 the device count that saved them. A ZeRO state restores onto another device
 count because its buffers are padded to a multiple of 1024, which every
-power-of-two count up to 1024 divides (other counts are re-padded).
+power-of-two count up to 1024 divides (other counts are re-padded). A
+``"pmap"`` state holds one (identical) replica per device: onto another
+device count, replica 0 is read and copied to every device.
 
 A save is atomic: orbax writes into a temporary directory and renames it once
 complete, so a process killed during a save leaves the previous checkpoints
 as they were, and the half-written one is ignored.
+
+Integrity (format version 2). The description holds a checksum of every
+array, per cell of the grid of shards that saved it: a sum of 64-bit hashes
+of (index in the whole array, bytes) of its elements, which any sharding can
+compute shard by shard (:mod:`jadam._checksum`). At save each process hashes
+the shards it holds (never gathering one), the processes add their sums in
+one small all-gather, and process 0 writes them. A restore hashes what it
+read, shard by shard on every process, over the saved grid, and compares:
+the processes reach the same verdict. A damaged checkpoint raises
+:class:`CheckpointCorruptError` naming the step, the array
+(``opt_state[0].mu['w']``) and the file: altered bytes, a missing or
+truncated file, or one that fails tensorstore's own checks (its manifests
+and B+tree nodes carry CRC-32C). ``restore()`` without a step falls back to
+the newest intact checkpoint with a warning naming what it skipped. Version
+1 checkpoints (no checksums) still restore, without verification.
+
+Saving a step that is not above every saved step raises a ``ValueError``
+(orbax would drop it silently) unless ``overwrite=True``, which first
+deletes the saved steps from that one on.
 
 Example::
 
@@ -30,107 +52,34 @@ Example::
 
 from __future__ import annotations
 
-import collections.abc
 import os
-from typing import Any
+import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ._optax_state import MasterState
+from . import _checksum
+from . import _ckpt_files
+from . import _ckpt_layout as L
+from . import _ckpt_verify as V
+from ._ckpt_verify import CheckpointCorruptError
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "CheckpointCorruptError"]
 
 FORMAT = "jadam.checkpoint"
-VERSION = 1
+VERSION = 2  # 2: with checksums; 1 (still read, not verified): without
 
 
-def _keystr(path) -> str:
-  return jax.tree_util.keystr(path) or "<root>"
-
-
-def _describe(tree) -> list[dict[str, Any]]:
-  """Path, shape and dtype of every leaf (JSON-able)."""
-  return [{"path": _keystr(path), "shape": list(np.shape(x)),
-           "dtype": np.dtype(x.dtype).name}
-          for path, x in jax.tree_util.tree_leaves_with_path(tree)]
-
-
-def _fmt(leaf: dict) -> str:
-  return f"{tuple(leaf['shape'])} {leaf['dtype']}"
-
-
-def _compare(what: str, where: str, saved: list[dict], wanted: list[dict],
-             *, resizable=lambda path: False) -> list[tuple[dict, dict]]:
-  """Raises a ValueError naming the first difference between two leaf lists.
-
-  Returns the pairs whose shapes differ only in one (padded) dimension of a
-  resizable leaf: a packed buffer's length, or a quantized buffer's number
-  of blocks.
-  """
-  by_path = {x["path"]: x for x in saved}
-  wanted_paths = {x["path"] for x in wanted}
-  resized = []
-  for w in wanted:
-    s = by_path.get(w["path"])
-    if s is None:
-      only = [x["path"] for x in saved if x["path"] not in wanted_paths]
-      raise ValueError(
-          f"{where} does not match the {what}: {w['path']} ({_fmt(w)}) is not "
-          f"in the checkpoint" + (f", which has {', '.join(only[:4])}"
-                                  f"{' ...' if len(only) > 4 else ''} instead"
-                                  if only else ""))
-    if s["dtype"] != w["dtype"]:
-      raise ValueError(
-          f"{where} does not match the {what}: {w['path']} is {_fmt(s)} in the "
-          f"checkpoint, {_fmt(w)} here")
-    if s["shape"] != w["shape"]:
-      if (resizable(w["path"]) and len(s["shape"]) == len(w["shape"])
-          and sum(a != b for a, b in zip(s["shape"], w["shape"])) == 1):
-        resized.append((s, w))
-        continue
-      raise ValueError(
-          f"{where} does not match the {what}: {w['path']} is {_fmt(s)} in the "
-          f"checkpoint, {_fmt(w)} here")
-  extra = [x["path"] for x in saved if x["path"] not in wanted_paths]
-  if extra:
-    raise ValueError(
-        f"{where} does not match the {what}: the checkpoint also has "
-        f"{', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}, which the "
-        f"{what} lack")
-  return resized
-
-
-def _flat_buffer_paths(state) -> set[str]:
-  """Paths of packed moment buffers (the :class:`jadam.Packed` moments of a
-  jadam or optax Adam state, and packed master weights): their padded length
-  may differ."""
-  def moments(x):
-    return hasattr(x, "_fields") and "mu" in x._fields
-
-  def master(x):
-    return isinstance(x, MasterState)
-
-  return (_packed_paths(state, moments, ("mu", "nu", "nu_max"))
-          | _packed_paths(state, master, ("master",)))
-
-
-def _packed_paths(state, is_node, names) -> set[str]:
-  out = set()
-  for path, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_node)[0]:
-    if not is_node(node):
-      continue
-    prefix = jax.tree_util.keystr(path)
-    for name in (n for n in names if n in node._fields):
-      moment = getattr(node, name)
-      if isinstance(moment, collections.abc.Mapping):
-        for sub, _ in jax.tree_util.tree_leaves_with_path(moment):
-          out.add(f"{prefix}.{name}{jax.tree_util.keystr(sub)}")
-  return out
+def _reraise_naming(e: Exception, what: str):
+  """Raises ``e`` with a message that names the checkpoint directory (an
+  OSError keeps its type and errno)."""
+  if isinstance(e, OSError) and e.errno is not None:
+    raise type(e)(e.errno, f"{what}: {e.strerror}", e.filename) from e
+  e.add_note(f"jadam.checkpoint: {what}")
+  raise e
 
 
 class Checkpointer:
@@ -169,11 +118,17 @@ class Checkpointer:
       raise ValueError("`Checkpointer(max_to_keep=...)` must be None or a "
                        f"positive integer, got {max_to_keep!r}")
     self.directory = os.path.abspath(os.fspath(directory))
+    self._interval = save_interval_steps
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save, create=True,
         # What a killed save left behind is removed when a run restarts.
-        cleanup_tmp_directories=True)
+        cleanup_tmp_directories=True,
+        # The step's directory is made inside `save`, so that a directory we
+        # cannot write raises there. Made in the background, its failure
+        # left orbax's writer threads waiting 20 minutes for it, and the
+        # interpreter could not exit.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"params": ocp.StandardCheckpointHandler(),
@@ -182,45 +137,83 @@ class Checkpointer:
 
   # ------------------------------------------------------------------ saving
 
-  def save(self, step: int, params, opt_state, *, force: bool = False) -> bool:
+  def save(self, step: int, params, opt_state, *, force: bool = False,
+           overwrite: bool = False) -> bool:
     """Starts saving ``params`` and ``opt_state`` as checkpoint ``step``.
 
     Asynchronous: it returns once the arrays are copied to host memory (they
     may then be donated to the next step) while the files are written in the
-    background; :meth:`wait` waits for them. In a multi-process run every
-    process calls it with its own shards.
+    background; :meth:`wait` waits for them. Each array's checksum is
+    computed here, shard by shard. In a multi-process run every process
+    calls it with its own shards.
 
     Args:
-      step: the step number (an int, unique).
+      step: the step number (an int, above every saved step).
       params: the params, in any trainer's layout.
       opt_state: the optimizer state, in the same trainer's layout.
       force: save even when ``step`` is not a multiple of
         ``save_interval_steps``.
+      overwrite: when checkpoints of ``step`` or later steps exist, delete
+        them first (a run that went back to an older checkpoint). Without
+        it, that raises.
 
     Returns:
-      Whether a save was started.
+      Whether a save was started (False for a step off the save interval).
+
+    Raises:
+      ValueError: ``step`` is not above every saved step and ``overwrite``
+        is False.
+      OSError: the directory cannot be written (the message names it).
     """
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
       raise ValueError(f"`Checkpointer.save(step=...)` must be a non-negative "
                        f"integer, got {step!r}")
+    step = int(step)
+    newer = [s for s in self._manager.all_steps() if s >= step]
+    if newer and (force or step % self._interval == 0
+                  or self._manager.reached_preemption(step)):
+      if not overwrite:
+        what = (f"a checkpoint of step {step}" if newer == [step] else
+                f"checkpoints of steps {sorted(newer)}")
+        raise ValueError(
+            f"`Checkpointer.save(step={step})`: {self.directory} already has "
+            f"{what}; steps must increase (orbax would drop this save). Pass "
+            f"`overwrite=True` to delete {sorted(newer)} and save this one, "
+            f"or save under a step above {max(newer)}")
+      self._manager.wait_until_finished()
+      for s in sorted(newer):
+        self._manager.delete(s)
+    if not force and not self._manager.should_save(step):
+      return False  # off the save interval: no checksums to compute
+    described = V.describe_with_checksums(params, opt_state)
     layout = {
-        "format": FORMAT, "version": VERSION, "step": int(step),
-        "params": _describe(params), "opt_state": _describe(opt_state),
+        "format": FORMAT, "version": VERSION, "step": step,
+        "checksum": _checksum.ALGORITHM,
+        "params": described[0], "opt_state": described[1],
     }
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
         layout=ocp.args.JsonSave(layout))
-    return bool(self._manager.save(int(step), args=args, force=force))
+    try:
+      return bool(self._manager.save(step, args=args, force=force))
+    except OSError as e:
+      _reraise_naming(e, f"cannot write checkpoint step {step} into "
+                      f"{self.directory}")
 
   def wait(self) -> None:
     """Blocks until every started save is on disk."""
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      _reraise_naming(e, f"writing a checkpoint into {self.directory} "
+                      "failed (that step was not saved)")
 
   # ----------------------------------------------------------------- reading
 
   def latest_step(self) -> int | None:
-    """The newest complete checkpoint's step, or ``None``."""
+    """The newest complete checkpoint's step, or ``None`` (complete: not
+    checked for damage; :meth:`restore` checks)."""
     self._manager.reload()
     return self._manager.latest_step()
 
@@ -230,13 +223,13 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def restore(self, trainer, step: int | None = None, *, like=None):
-    """Restores a checkpoint into ``trainer``'s mesh and layout.
+    """Restores a checkpoint into ``trainer``'s mesh and layout, verified.
 
     Args:
       trainer: a ``jadam.parallel.DataParallel``; its device count may differ
         from the run that saved (its strategy's layout may not: a ZeRO state
         restores into a ZeRO trainer, a replicated one into a replicated one).
-      step: the step to restore (default: the latest).
+      step: the step to restore (default: the newest intact one).
       like: the params' structure, shapes and dtypes (arrays or
         ``jax.ShapeDtypeStruct``; a ``NamedSharding`` counts for model-
         parallel params). Default: those of ``trainer.init``'s last params,
@@ -247,38 +240,74 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: when there is no (such) checkpoint.
+      CheckpointCorruptError: when ``step``'s checkpoint (or, without
+        ``step``, every checkpoint) is damaged; the message names the step,
+        the array and the file. Without ``step``, each damaged newer
+        checkpoint is skipped with a warning.
       ValueError: when the checkpoint was saved for other params or another
         optimizer state layout; the message names the first difference.
     """
     self._manager.wait_until_finished()
     self._manager.reload()
-    if step is None:
-      step = self._manager.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    elif step not in self._manager.all_steps():
-      raise FileNotFoundError(
-          f"no checkpoint of step {step} in {self.directory}; there are "
-          f"{sorted(self._manager.all_steps())}")
-    where = f"checkpoint {os.path.join(self.directory, str(step))}"
-    saved = self._manager.restore(
-        step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
+    steps = sorted(self._manager.all_steps())
+    if step is not None:
+      if step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {self.directory}; there are "
+            f"{steps}")
+      return self._restore(trainer, step, like)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    damaged = []
+    for i, s in enumerate(reversed(steps)):
+      try:
+        return self._restore(trainer, s, like)
+      except CheckpointCorruptError as e:
+        damaged.append(e)
+        then = (f"trying step {steps[-2 - i]}" if i + 1 < len(steps) else
+                "no older step is left")
+        warnings.warn(f"{e}; skipping step {s}, {then}", stacklevel=2)
+    raise CheckpointCorruptError(
+        f"no intact checkpoint in {self.directory}: "
+        + "; ".join(f"step {e.step}: {e.array}: {e.file}" for e in damaged),
+        file=self.directory)
+
+  def _restore(self, trainer, step: int, like):
+    step_dir = os.path.join(self.directory, str(step))
+    where = f"checkpoint {step_dir}"
+    try:
+      saved = self._manager.restore(
+          step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise V.damaged(step, self.directory, "the description",
+                     os.path.join(step_dir, "layout", "metadata"),
+                     f"it cannot be read ({V.first_line(e)})") from e
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
       raise ValueError(f"{where} was not written by jadam.checkpoint")
+    if saved.get("version") not in (1, 2):
+      raise ValueError(f"{where} has format version {saved.get('version')!r}; "
+                       f"this jadam reads versions 1 and 2")
 
     if like is None:
       like = trainer.params_template
     if like is None:
-      like = self._saved_params(step)
+      try:
+        like = self._saved_params(step)
+      except Exception as e:  # pylint: disable=broad-except
+        raise V.diagnose(self.directory, step, {}, e) from e
       if trainer.strategy == "pmap":  # saved with pmap's leading device axis
         like = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), like)
     target_params, target_state = trainer.abstract_state(like)
-    _compare("params", where, saved["params"], _describe(target_params))
-    flat_paths = _flat_buffer_paths(target_state)
+    replicas = L.pmap_replicas(trainer, saved)
+    # A pmap state of another device count compares as if saved on this one.
+    seen = {item: [{**x, "shape": [trainer.num_devices, *x["shape"][1:]]}
+                   if replicas else x for x in saved[item]] for item in L.ITEMS}
+    L.compare("params", where, seen["params"], L.describe(target_params))
+    flat_paths = L.flat_buffer_paths(target_state)
     try:
-      resized = _compare("optimizer state", where, saved["opt_state"],
-                         _describe(target_state),
+      resized = L.compare("optimizer state", where, seen["opt_state"],
+                         L.describe(target_state),
                          resizable=lambda path: path in flat_paths)
     except ValueError as e:
       raise ValueError(
@@ -291,19 +320,38 @@ class Checkpointer:
     resized_paths = {w["path"]: s for s, w in resized}
 
     def read_target(path, x):
-      s = resized_paths.get(_keystr(path))
+      if replicas:  # replica 0 only, on every device
+        return jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype,
+                                    sharding=NamedSharding(x.sharding.mesh, P()))
+      s = resized_paths.get(L.keystr(path))
       if s is None:
         return x
       return jax.ShapeDtypeStruct(tuple(s["shape"]), x.dtype,
-                                  sharding=_sharding_for(x.sharding, s["shape"]))
+                                  sharding=L.sharding_for(x.sharding, s["shape"]))
 
-    read_state = jax.tree_util.tree_map_with_path(read_target, target_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target_params),
-        opt_state=ocp.args.StandardRestore(read_state)))
+    read = {"params": jax.tree_util.tree_map_with_path(read_target, target_params),
+            "opt_state": jax.tree_util.tree_map_with_path(read_target, target_state)}
+    names = {item: V.param_names(read[item], item) for item in L.ITEMS}
+    try:
+      # Missing or short files, found from the index before orbax reads.
+      for item in L.ITEMS:
+        _ckpt_files.item_files(os.path.join(self.directory, str(step), item))
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          item: ocp.args.StandardRestore(read[item], strict=not replicas)
+          for item in L.ITEMS}))
+      error = None
+    except (jax.errors.JaxRuntimeError, MemoryError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      restored, error = None, e
+    V.verify(self.directory, step, saved, restored, names, error, replicas)
+
     params, opt_state = restored["params"], restored["opt_state"]
-    if resized_paths:
-      opt_state = _repad(opt_state, target_state)
+    if replicas:
+      params, opt_state = L.broadcast((params, opt_state),
+                                     (target_params, target_state))
+    elif resized_paths:
+      opt_state = L.repad(opt_state, target_state)
     return int(step), params, opt_state
 
   def _saved_params(self, step: int):
@@ -328,32 +376,3 @@ class Checkpointer:
     return f"Checkpointer({self.directory!r})"
 
 
-def _sharding_for(sharding: NamedSharding, shape) -> NamedSharding:
-  """``sharding`` with every dimension it does not divide replicated."""
-  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-  for dim, entry in enumerate(spec):
-    if entry is None:
-      continue
-    names = entry if isinstance(entry, tuple) else (entry,)
-    n = int(np.prod([sharding.mesh.shape[a] for a in names]))
-    if shape[dim] % n:
-      spec[dim] = None
-  return NamedSharding(sharding.mesh, P(*spec))
-
-
-def _repad(state, target):
-  # The one padded dimension is cut or zero extended: padding elements (and
-  # a quantized buffer's padding blocks: zero codes, zero scales) hold nothing.
-  def fix(x, t):
-    if tuple(x.shape) == tuple(t.shape):
-      return x
-    dim = next(i for i, (a, b) in enumerate(zip(x.shape, t.shape)) if a != b)
-    n = t.shape[dim]
-    if x.shape[dim] >= n:
-      return jax.lax.slice_in_dim(x, 0, n, axis=dim)
-    pad = [(0, 0)] * x.ndim
-    pad[dim] = (0, n - x.shape[dim])
-    return jnp.pad(x, pad)
-
-  return jax.jit(lambda s: jax.tree.map(fix, s, target),
-                 out_shardings=jax.tree.map(lambda t: t.sharding, target))(state)

@@ -141,14 +141,17 @@ def test_round_trip_onto_other_device_counts(tmp_path, strategy):
     assert ckpt.latest_step() is None
     assert ckpt.save(3, params, opt_state)
     ckpt.wait()
-    # pmap keeps one replica per device: it restores onto as many devices.
-    counts = (8,) if strategy == "pmap" else (8, 2, 6)
-    for n in counts:
+    # pmap keeps one replica per device: onto 2 or 6 devices, replica 0 is
+    # read and copied to each of them.
+    for n in (8, 2, 6):
       other = make_trainer(strategy, n)
       step, p, s = ckpt.restore(other)
       assert step == 3
       chex.assert_trees_all_equal(other.gather((p, s)), want,
                                   custom_message=f"{strategy} on {n} devices")
+      if strategy == "pmap":  # one full replica on each of the n devices
+        for x in jax.tree.leaves((p, s)):
+          assert x.shape[0] == n and (np.asarray(x) == np.asarray(x)[:1]).all()
       if strategy == "zero1":
         (mu,) = adam_node(s).mu.values()
         # 6 does not divide 1024: the buffers were re-padded to 3072.
