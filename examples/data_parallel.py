@@ -10,6 +10,11 @@ the gradients over the devices and applies one AdamW update everywhere.
   # one process per host of a cluster (run on every host, i = 0 .. N-1):
   python examples/data_parallel.py --coordinator HOST0:1234 \\
       --num-processes N --process-id i
+
+Several processes join with jadam.parallel.initialize: if one dies, the
+others raise jadam.parallel.WorkerLostError naming it within seconds and exit
+with code jadam.parallel.WORKER_LOST_EXIT_CODE (75), instead of hanging until
+JAX's runtime aborts them.
 """
 
 from __future__ import annotations
@@ -42,12 +47,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "--num-processes > 1, launch the processes locally")
   parser.add_argument("--coordinator", default=None,
                       help="host:port of process 0's coordinator")
+  parser.add_argument("--heartbeat-timeout", type=float, default=10,
+                      help="seconds of silence after which a process is "
+                      "lost (raise it on a slow or busy cluster)")
   return parser.parse_args(argv)
 
 
 def launch_local(args: argparse.Namespace, argv: list[str]) -> int:
   """Starts ``--num-processes`` copies of this program on this machine and
-  waits; if one fails, ends the others and returns its exit code."""
+  waits; if one fails, ends the others and returns its exit code (the
+  others would stop by themselves: a lost process makes them raise
+  ``WorkerLostError``)."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     coordinator = f"127.0.0.1:{s.getsockname()[1]}"
@@ -60,11 +70,12 @@ def launch_local(args: argparse.Namespace, argv: list[str]) -> int:
   try:
     while True:
       codes = [p.poll() for p in procs]
-      failed = [c for c in codes if c not in (None, 0)]
+      failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
       if failed:
-        print(f"a process failed with exit code {failed[0]}; ending the rest",
+        i, code = failed[0]
+        print(f"process {i} failed with exit code {code}; ending the rest",
               file=sys.stderr)
-        return failed[0]
+        return code
       if all(c == 0 for c in codes):
         return 0
       time.sleep(0.1)
@@ -93,11 +104,11 @@ def train(args: argparse.Namespace) -> None:
   import jadam.parallel
 
   if args.num_processes > 1:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator,
-        num_processes=args.num_processes,
-        process_id=args.process_id)
+    # jax.distributed.initialize with gloo CPU collectives, a short heartbeat
+    # and a watchdog: a lost process raises WorkerLostError here.
+    jadam.parallel.initialize(
+        args.coordinator, args.num_processes, args.process_id,
+        heartbeat_timeout=args.heartbeat_timeout)
   me = jax.process_index()
 
   def loss_fn(params, batch):
@@ -157,7 +168,7 @@ def train(args: argparse.Namespace) -> None:
           f"accuracy {float(aux['accuracy']):.3f}, "
           f"|w1| {np.linalg.norm(trained['w1']):.3f}", flush=True)
   if args.num_processes > 1:
-    jax.distributed.shutdown()
+    jadam.parallel.shutdown()  # leaves once every process is done
 
 
 def main(argv=None) -> int:
@@ -166,14 +177,17 @@ def main(argv=None) -> int:
     return launch_local(args, sys.argv[1:] if argv is None else argv)
   try:
     train(args)
-  except BaseException:
+  except BaseException as e:
     if args.num_processes == 1:
       raise
-    # Fail fast: a normal exit would wait at jax.distributed's shutdown
-    # barrier for the other processes, which are waiting on this one.
+    # Fail fast: a normal exit would wait at the shutdown barrier for the
+    # other processes, which are waiting on this one. (A real run would save
+    # what it can here: no collectives after a WorkerLostError.)
     traceback.print_exc()
     sys.stderr.flush()
-    os._exit(1)
+    parallel = sys.modules.get("jadam.parallel")  # imported by train()
+    lost = parallel and isinstance(e, parallel.WorkerLostError)
+    os._exit(parallel.WORKER_LOST_EXIT_CODE if lost else 1)
   return 0
 
 

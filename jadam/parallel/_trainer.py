@@ -12,6 +12,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from . import _checks
+from . import _runtime
 from . import _strategies  # noqa: F401  (registers the built-in strategies)
 from ._common import PyTree
 from ._common import StepConfig
@@ -329,6 +330,9 @@ class DataParallel:
       raise ValueError(f"`DataParallel.step`: {problem}. Pass the params and "
                        "opt_state that `init` (or the last `step`, or "
                        "`Checkpointer.restore`) returned") from e
+    except _runtime.RUNTIME_ERRORS as e:
+      _runtime.explain(e)  # a lost process of a fail-fast run: name it
+      raise
     if self._config.has_aux:
       return params, opt_state, (loss, aux)
     return params, opt_state, loss
