@@ -3,7 +3,8 @@ ZeRO (``"zero1"``, ``"zero2"``: optimizer state sharded over the data
 axis), FSDP (``"fsdp"``: params, gradients and state sharded), 1-bit Adam
 (``OneBit(warmup_steps=W)``: compressed momentum after a warm-up) and local
 steps (``LocalSteps(inner_steps=H)``, DiLoCo), on one process or many
-(``jax.distributed``); :func:`comm_bytes`
+(``jax.distributed``; :func:`initialize` joins a run in which the loss of
+a process raises :class:`WorkerLostError` in the others); :func:`comm_bytes`
 reads the bytes a step sends from its compiled HLO.
 
 Usage::

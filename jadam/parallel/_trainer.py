@@ -61,7 +61,8 @@ class DataParallel:
   Params and optimizer state passed to :meth:`step` are donated: use the
   returned ones. The step is compiled once per trainer and reused.
 
-  Multi-process runs: call ``jax.distributed.initialize(...)`` first, build
+  Multi-process runs: call :func:`jadam.parallel.initialize` first (or
+  ``jax.distributed.initialize``, which does not fail fast), build
   ``mesh`` over ``jax.devices()`` (all processes), pass every process the same
   initial params, and pass each process its own share of every global batch
   (numpy or process-local arrays; rows ``[i * B / P, (i + 1) * B / P)`` of the
