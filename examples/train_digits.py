@@ -3,19 +3,31 @@
 The digits (1,797 images of 8x8 pixels, 10 classes) ship inside
 scikit-learn: nothing is downloaded. Every step splits a global batch over all
 local devices with ``jadam.parallel.DataParallel``, averages the gradients
-and applies one AdamW update everywhere. At the end it prints the test
-accuracy and the wall time.
+and applies one AdamW update everywhere. At the end it prints the loss of
+the final params on the whole training set and on the test set, the test
+accuracy and the wall time; its last line is ``final loss: <test-set loss of
+the final params, 6 decimals>``.
+
+With --checkpoint-dir it saves the params and the optimizer state (with every
+strategy's own state, and the dynamic loss scale) every --save-every steps and
+after the last one. Started again with the same command, after a crash or a
+``kill -9``, it resumes from the newest checkpoint and ends on the same
+numbers as an uninterrupted run: the batches are one random stream from
+--seed, and a resumed run skips the batches of the steps it restored.
+(--plot draws the steps the last process ran.)
 
   python examples/train_digits.py                     # all local devices
   python examples/train_digits.py --fake-devices 8    # 8 fake CPU devices
   python examples/train_digits.py --optimizer optax   # optax.adamw instead
   python examples/train_digits.py --mu-dtype q8 --nu-dtype q8  # 8-bit moments
   python examples/train_digits.py --plot docs/digits_loss.png  # curves
+  python examples/train_digits.py --checkpoint-dir /tmp/digits --save-every 50
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -25,6 +37,32 @@ import time
 # block-wise, "q4": 4-bit), passed to the optimizer as they are.
 DTYPES = ("float32", "bfloat16", "q8", "q4")
 QUANTIZED = ("q8", "q4")
+# scikit-learn's 1,797 digits less the 20% test split.
+TRAIN_IMAGES = 1437
+
+
+def checked(kind, expected: str, ok):
+  """An argparse ``type=``: ``kind(text)`` when ``ok`` of it, else an error
+  that names the flag and what it expects."""
+
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      value = None
+    if value is None or not ok(value):
+      raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+  return parse
+
+
+positive_int = checked(int, "a positive integer", lambda n: n >= 1)
+non_negative_int = checked(int, "a non-negative integer", lambda n: n >= 0)
+positive_float = checked(float, "a positive number",
+                         lambda x: math.isfinite(x) and x > 0)
+non_negative_float = checked(float, "a non-negative number",
+                             lambda x: math.isfinite(x) and x >= 0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,26 +92,51 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="'dynamic' or a number: loss scaling for float16 "
                       "(DataParallel(loss_scale=...)); 'dynamic' skips an "
                       "overflowing step (skip_nonfinite=True) and halves the scale")
-  parser.add_argument("--steps", type=int, default=300)
-  parser.add_argument("--batch-size", type=int, default=128,
-                      help="global batch size; must divide by the devices")
-  parser.add_argument("--learning-rate", type=float, default=3e-3,
+  parser.add_argument("--steps", type=positive_int, default=300,
+                      help="optimizer steps")
+  parser.add_argument("--batch-size", type=positive_int, default=128,
+                      help="global batch size, at most the 1437 training "
+                      "images; must divide by the devices")
+  parser.add_argument("--learning-rate", type=positive_float, default=3e-3,
                       help="peak of the cosine-decay schedule")
-  parser.add_argument("--weight-decay", type=float, default=1e-4)
-  parser.add_argument("--hidden", type=int, default=256)
-  parser.add_argument("--eval-every", type=int, default=25,
+  parser.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
+  parser.add_argument("--hidden", type=positive_int, default=256,
+                      help="width of the MLP's two hidden layers")
+  parser.add_argument("--eval-every", type=positive_int, default=25,
                       help="steps between test-set evaluations")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--fake-devices", type=int, default=None,
+  parser.add_argument("--seed", type=non_negative_int, default=0,
+                      help="seeds the params, the test split and the batches")
+  parser.add_argument("--fake-devices", type=positive_int, default=None,
                       help="run on this many fake CPU devices")
   parser.add_argument("--plot", default=None, metavar="PNG",
                       help="save the loss and test-accuracy curves here")
+  parser.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                      help="save checkpoints here, and resume from the newest "
+                      "one found there")
+  parser.add_argument("--save-every", type=positive_int, default=None,
+                      metavar="N", help="with --checkpoint-dir: save every N "
+                      "steps and after the last one (default: 100)")
   args = parser.parse_args(argv)
   if args.loss_scale not in (None, "dynamic"):
+    text = args.loss_scale
     try:
-      args.loss_scale = float(args.loss_scale)
+      args.loss_scale = float(text)
     except ValueError:
-      parser.error(f"--loss-scale {args.loss_scale!r}: 'dynamic' or a number")
+      args.loss_scale = math.nan
+    if not (math.isfinite(args.loss_scale) and args.loss_scale > 0):
+      parser.error(f"argument --loss-scale: expected 'dynamic' or a positive "
+                   f"number, got {text!r}")
+  if args.batch_size > TRAIN_IMAGES:
+    parser.error(f"argument --batch-size: expected at most the "
+                 f"{TRAIN_IMAGES} training images, got {args.batch_size}")
+  if args.fake_devices and args.batch_size % args.fake_devices:
+    parser.error(f"--batch-size {args.batch_size} must be a multiple of "
+                 f"--fake-devices {args.fake_devices} (every device takes an "
+                 "equal share of the batch)")
+  if args.save_every is not None and args.checkpoint_dir is None:
+    parser.error("--save-every needs --checkpoint-dir")
+  if args.checkpoint_dir is not None and args.save_every is None:
+    args.save_every = 100
   if args.loss_scale == "dynamic" and args.optimizer == "optax":
     parser.error("--loss-scale dynamic skips overflowing steps with jadam's "
                  "skip_nonfinite (use --optimizer jadam)")
@@ -109,6 +172,7 @@ def main(argv=None) -> int:
   from sklearn.model_selection import train_test_split
 
   import jadam
+  import jadam.checkpoint
   import jadam.parallel
 
   if args.strategy not in jadam.parallel.available_strategies():
@@ -116,8 +180,9 @@ def main(argv=None) -> int:
              f"{', '.join(jadam.parallel.available_strategies())}")
   n_devices = jax.local_device_count()
   if args.batch_size % n_devices:
-    sys.exit(f"--batch-size {args.batch_size} must divide by the "
-             f"{n_devices} devices")
+    sys.exit(f"--batch-size {args.batch_size} must be a multiple of the "
+             f"{n_devices} local devices (every device takes an equal share "
+             "of the batch)")
 
   # Data: standardize with the training set's statistics.
   x, y = load_digits(return_X_y=True)
@@ -177,10 +242,38 @@ def main(argv=None) -> int:
   params, opt_state = trainer.init(params)
 
   @jax.jit
-  def evaluate(params):
-    """Test-set (loss, accuracy), on one device."""
-    loss, aux = loss_fn(params, (x_test, y_test))
+  def evaluate(params, images, labels):
+    """(loss, accuracy) over a whole set, on one device."""
+    loss, aux = loss_fn(params, (images, labels))
     return loss, aux["accuracy"]
+
+  # The batches: one random stream from --seed.
+  rng = np.random.default_rng(args.seed)
+
+  def next_batch():
+    idx = rng.choice(len(x_train), args.batch_size, replace=False)
+    return x_train[idx], y_train[idx]
+
+  # Resuming: the newest checkpoint's params, optimizer state (the
+  # strategy's own state, the loss scale and the step count inside it) and
+  # step; the data stream skips the batches of the steps done.
+  first_step, ckpt, save_options = 0, None, {}
+  if args.checkpoint_dir is not None:
+    ckpt = jadam.checkpoint.Checkpointer(args.checkpoint_dir, max_to_keep=3)
+    if ckpt.latest_step() is not None:
+      try:  # the newest intact checkpoint (damaged ones are skipped)
+        first_step, params, opt_state = ckpt.restore(trainer)
+      except ValueError as e:
+        sys.exit(f"--checkpoint-dir {args.checkpoint_dir}: cannot resume "
+                 f"this run from it: {e}")
+      if ckpt.latest_step() != first_step:
+        # Newer checkpoints were damaged: this run saves over them.
+        save_options["overwrite"] = True
+      if first_step > args.steps:
+        sys.exit(f"--checkpoint-dir {args.checkpoint_dir} holds step "
+                 f"{first_step}, past --steps {args.steps}")
+      for _ in range(first_step):
+        next_batch()
 
   # Quantized moments are jadam.QArray leaves of the state (codes and
   # scales); leaves under 4096 elements keep float32 moments.
@@ -201,28 +294,40 @@ def main(argv=None) -> int:
         f"{args.batch_size}, {args.steps} steps", flush=True)
   if formats:
     print(f"optimizer state: {quantized} quantized moments", flush=True)
+  if first_step:
+    scale = ("" if args.loss_scale is None
+             else f", loss scale {trainer.loss_scale(opt_state):g}")
+    print(f"resumed at step {first_step} from {ckpt.directory}{scale}",
+          flush=True)
 
-  rng = np.random.default_rng(args.seed)
-  losses, evals = [], []
-  bar = tqdm.trange(args.steps, desc="train", unit="step")
+  losses, evals = [], []  # this process's steps only
+  bar = tqdm.tqdm(range(first_step, args.steps), desc="train", unit="step",
+                  initial=first_step, total=args.steps)
   for step in bar:
-    idx = rng.choice(len(x_train), args.batch_size, replace=False)
     params, opt_state, (loss, aux) = trainer.step(
-        params, opt_state, (x_train[idx], y_train[idx]))
+        params, opt_state, next_batch())
     # Reading the loss waits for the step. It also keeps one step in flight:
     # on fake CPU devices (JAX 0.10), queuing several steps whose collectives
     # wait on each other can starve XLA's thread pool and abort the process.
     losses.append(float(loss))
+    if ckpt is not None and ((step + 1) % args.save_every == 0
+                             or step == args.steps - 1):
+      # Written in the background while the next steps run.
+      ckpt.save(step + 1, params, opt_state, **save_options)
     if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
-      test_loss, test_acc = evaluate(trainer.gather(params))
+      test_loss, test_acc = evaluate(trainer.gather(params), x_test, y_test)
       evals.append((step + 1, float(test_loss), float(test_acc)))
       bar.set_postfix(loss=f"{losses[-1]:.4f}", test_acc=f"{test_acc:.3f}")
   bar.close()
   losses = np.asarray(losses, np.float32)
+  if ckpt is not None:
+    ckpt.close()  # waits for the last save
 
-  accuracy = evals[-1][2]
-  print(f"final train loss: {losses[-10:].mean():.4f}, "
-        f"test loss: {evals[-1][1]:.4f}")
+  # The final params on whole sets: numbers a resumed run reproduces.
+  final_params = trainer.gather(params)
+  train_loss = float(evaluate(final_params, x_train, y_train)[0])
+  test_loss, accuracy = map(float, evaluate(final_params, x_test, y_test))
+  print(f"final train loss: {train_loss:.4f}, test loss: {test_loss:.4f}")
   print(f"test accuracy: {accuracy:.3f} "
         f"({round(accuracy * len(y_test))}/{len(y_test)})")
   if args.loss_scale is not None:
@@ -231,15 +336,17 @@ def main(argv=None) -> int:
           f"{int(np.sum(trainer.gather(skipped)))} steps skipped")
   print(f"wall time: {time.perf_counter() - start:.1f} s")
 
-  if args.plot:
+  if args.plot and not evals:
+    print(f"--plot: no steps left to run after step {first_step}; no plot")
+  elif args.plot:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps, test_losses, test_accs = map(np.asarray, zip(*evals))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(np.arange(1, len(losses) + 1), losses, lw=0.8, alpha=0.5,
-             label="train (batch)")
+    ax1.plot(np.arange(first_step + 1, first_step + len(losses) + 1), losses,
+             lw=0.8, alpha=0.5, label="train (batch)")
     ax1.plot(steps, test_losses, "o-", ms=3, label="test (360 images)")
     ax1.set(xlabel="step", ylabel="cross-entropy", yscale="log",
             title="Loss")
@@ -253,6 +360,7 @@ def main(argv=None) -> int:
     fig.tight_layout()
     fig.savefig(args.plot, dpi=110)
     print(f"saved {args.plot}")
+  print(f"final loss: {test_loss:.6f}")
   return 0
 
 

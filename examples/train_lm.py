@@ -4,12 +4,27 @@ The text is the opening of Shakespeare's Coriolanus, shipped in
 ``examples/data/`` (47 KB, public domain). Every step splits a global batch
 of random text windows over all local devices with
 ``jadam.parallel.DataParallel`` and applies one ``jadam.adamw`` update. It
-prints the training and validation loss as it goes, then samples text.
+prints the training loss (the mean over the batches since the previous line)
+and the validation loss (64 fixed windows of the held-out last 10% of the
+text) every --log-every steps, then samples text. Its last line is
+``final loss: <validation loss of the final params, 6 decimals>``.
+
+With --checkpoint-dir it saves the params and the optimizer state (with every
+strategy's own state: 1-bit Adam's error feedback, the local replicas) every
+--save-every steps and after the last one. Started again with the same
+command, after a crash or a ``kill -9``, it resumes from the newest checkpoint
+and ends on the same final loss as an uninterrupted run: the batches are one
+random stream from --seed, and a resumed run skips the batches of the steps it
+restored. (A resumed run's first training loss averages only the batches
+after the checkpoint, unless --save-every is a multiple of --log-every; the
+validation losses, the sample and the final loss are always the uninterrupted
+run's.)
 
   python examples/train_lm.py                                  # all devices
   python examples/train_lm.py --fake-devices 8 --strategy zero1
   python examples/train_lm.py --mu-dtype bfloat16 --nu-dtype bfloat16
   python examples/train_lm.py --mu-dtype q8 --nu-dtype q4      # quantized
+  python examples/train_lm.py --checkpoint-dir /tmp/lm --save-every 20
 """
 
 from __future__ import annotations
@@ -28,6 +43,31 @@ DATA = pathlib.Path(__file__).resolve().parent / "data" / "coriolanus.txt"
 DTYPES = ("float32", "bfloat16", "float16", "q8", "q4")
 
 
+def checked(kind, expected: str, ok):
+  """An argparse ``type=``: ``kind(text)`` when ``ok`` of it, else an error
+  that names the flag and what it expects."""
+
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      value = None
+    if value is None or not ok(value):
+      raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+  return parse
+
+
+positive_int = checked(int, "a positive integer", lambda n: n >= 1)
+non_negative_int = checked(int, "a non-negative integer", lambda n: n >= 0)
+positive_float = checked(float, "a positive number",
+                         lambda x: math.isfinite(x) and x > 0)
+non_negative_float = checked(float, "a non-negative number",
+                             lambda x: math.isfinite(x) and x >= 0)
+momentum = checked(float, "a number in [0, 1)", lambda x: 0 <= x < 1)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,14 +75,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="a DataParallel strategy: shard_map, jit, pmap, "
                       "zero1, zero2, fsdp, onebit, local "
                       "(jadam.parallel.available_strategies())")
-  parser.add_argument("--inner-steps", type=int, default=8,
+  parser.add_argument("--inner-steps", type=positive_int, default=8,
                       help="--strategy local: inner steps per outer step (H)")
-  parser.add_argument("--outer-lr", type=float, default=0.7,
+  parser.add_argument("--outer-lr", type=positive_float, default=0.7,
                       help="--strategy local: the outer SGD's learning rate")
-  parser.add_argument("--warmup-steps", type=int, default=None,
+  parser.add_argument("--warmup-steps", type=positive_int, default=None,
                       help="--strategy onebit: steps of exact Adam before the "
                       "momentum is compressed (default: 20%% of --steps)")
-  parser.add_argument("--outer-momentum", type=float, default=0.9,
+  parser.add_argument("--outer-momentum", type=momentum, default=0.9,
                       help="--strategy local: the outer SGD's Nesterov "
                       "momentum (0: plain averaging with --outer-lr 1)")
   parser.add_argument("--mu-dtype", default=None, choices=DTYPES,
@@ -60,23 +100,51 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "copy, or an 8-bit correction per param")
   parser.add_argument("--layout", default="tree", choices=("tree", "flat"),
                       help="jadam's optimizer-state layout")
-  parser.add_argument("--steps", type=int, default=400)
-  parser.add_argument("--batch-size", type=int, default=32,
+  parser.add_argument("--steps", type=positive_int, default=400,
+                      help="optimizer steps")
+  parser.add_argument("--batch-size", type=positive_int, default=32,
                       help="global batch of windows; must divide by devices")
-  parser.add_argument("--seq-len", type=int, default=64)
-  parser.add_argument("--d-model", type=int, default=128)
-  parser.add_argument("--layers", type=int, default=2)
-  parser.add_argument("--heads", type=int, default=4)
-  parser.add_argument("--learning-rate", type=float, default=3e-3)
-  parser.add_argument("--weight-decay", type=float, default=0.01)
-  parser.add_argument("--log-every", type=int, default=100)
-  parser.add_argument("--sample-chars", type=int, default=300)
-  parser.add_argument("--temperature", type=float, default=0.8)
-  parser.add_argument("--prompt", default="MENENIUS:\n")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--fake-devices", type=int, default=None,
+  parser.add_argument("--seq-len", type=positive_int, default=64,
+                      help="characters per window")
+  parser.add_argument("--d-model", type=positive_int, default=128,
+                      help="the transformer's width")
+  parser.add_argument("--layers", type=positive_int, default=2,
+                      help="transformer blocks")
+  parser.add_argument("--heads", type=positive_int, default=4,
+                      help="attention heads; must divide --d-model")
+  parser.add_argument("--learning-rate", type=positive_float, default=3e-3,
+                      help="peak of the warm-up cosine-decay schedule")
+  parser.add_argument("--weight-decay", type=non_negative_float, default=0.01)
+  parser.add_argument("--log-every", type=positive_int, default=100,
+                      help="steps between loss lines")
+  parser.add_argument("--sample-chars", type=non_negative_int, default=300,
+                      help="characters to sample at the end (0: none)")
+  parser.add_argument("--temperature", type=positive_float, default=0.8,
+                      help="the sample's softmax temperature")
+  parser.add_argument("--prompt", default="MENENIUS:\n",
+                      help="the sample's first characters")
+  parser.add_argument("--seed", type=non_negative_int, default=0,
+                      help="seeds the params, the batches and the sample")
+  parser.add_argument("--fake-devices", type=positive_int, default=None,
                       help="run on this many fake CPU devices")
-  return parser.parse_args(argv)
+  parser.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                      help="save checkpoints here, and resume from the newest "
+                      "one found there")
+  parser.add_argument("--save-every", type=positive_int, default=None,
+                      metavar="N", help="with --checkpoint-dir: save every N "
+                      "steps and after the last one (default: 100)")
+  args = parser.parse_args(argv)
+  if args.d_model % args.heads:
+    parser.error(f"--heads {args.heads} must divide --d-model {args.d_model}")
+  if args.fake_devices and args.batch_size % args.fake_devices:
+    parser.error(f"--batch-size {args.batch_size} must be a multiple of "
+                 f"--fake-devices {args.fake_devices} (every device takes an "
+                 "equal share of the batch)")
+  if args.save_every is not None and args.checkpoint_dir is None:
+    parser.error("--save-every needs --checkpoint-dir")
+  if args.checkpoint_dir is not None and args.save_every is None:
+    args.save_every = 100
+  return args
 
 
 def main(argv=None) -> int:
@@ -98,6 +166,7 @@ def main(argv=None) -> int:
   from flax import linen as nn
 
   import jadam
+  import jadam.checkpoint
   import jadam.parallel
 
   if args.strategy not in jadam.parallel.available_strategies():
@@ -105,8 +174,9 @@ def main(argv=None) -> int:
              f"{', '.join(jadam.parallel.available_strategies())}")
   n_devices = jax.local_device_count()
   if args.batch_size % n_devices:
-    sys.exit(f"--batch-size {args.batch_size} must divide by the "
-             f"{n_devices} devices")
+    sys.exit(f"--batch-size {args.batch_size} must be a multiple of the "
+             f"{n_devices} local devices (every device takes an equal share "
+             "of the batch)")
 
   # Data: characters as integer ids; the last 10% of the text validates.
   text = DATA.read_text(encoding="utf-8")
@@ -117,6 +187,9 @@ def main(argv=None) -> int:
   train_ids, val_ids = ids[:split], ids[split:]
   if any(c not in char_id for c in args.prompt):
     sys.exit(f"--prompt has characters that are not in {DATA.name}")
+  if args.seq_len >= len(val_ids) - 1:
+    sys.exit(f"--seq-len {args.seq_len} must be under {len(val_ids) - 1}, "
+             "the length of the validation text")
 
   def windows(data, starts):
     """Input windows and their next-character targets."""
@@ -168,8 +241,10 @@ def main(argv=None) -> int:
       return name
     return jnp.dtype(name)
 
+  # Warm-up: 10% of the steps (at most 100), none for a run of one step.
+  warmup = min(100, args.steps // 10 + 1, args.steps - 1)
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, args.learning_rate, min(100, args.steps // 10 + 1), args.steps)
+      0.0, args.learning_rate, warmup, args.steps)
   # A bare jadam optimizer (no optax.chain around it): the ZeRO strategies
   # apply its rule to each device's slice of the state themselves.
   # Low-precision params keep float32 moments unless asked otherwise.
@@ -198,10 +273,38 @@ def main(argv=None) -> int:
   n_params = sum(p.size for p in jax.tree.leaves(params))
   params, opt_state = trainer.init(params)
 
+  # The data: one random stream from --seed, the validation windows first,
+  # then each step's batch.
   rng = np.random.default_rng(args.seed)
   val_batch = windows(val_ids, rng.integers(
       0, len(val_ids) - args.seq_len - 1, size=64))
   val_loss = jax.jit(loss_fn)
+
+  def next_batch():
+    starts = rng.integers(0, len(train_ids) - args.seq_len - 1,
+                          size=args.batch_size)
+    return windows(train_ids, starts)
+
+  # Resuming: the newest checkpoint's params, optimizer state (the
+  # strategy's own state and the step count inside it) and step; the data
+  # stream skips the batches of the steps done.
+  first_step, ckpt, save_options = 0, None, {}
+  if args.checkpoint_dir is not None:
+    ckpt = jadam.checkpoint.Checkpointer(args.checkpoint_dir, max_to_keep=3)
+    if ckpt.latest_step() is not None:
+      try:  # the newest intact checkpoint (damaged ones are skipped)
+        first_step, params, opt_state = ckpt.restore(trainer)
+      except ValueError as e:
+        sys.exit(f"--checkpoint-dir {args.checkpoint_dir}: cannot resume "
+                 f"this run from it: {e}")
+      if ckpt.latest_step() != first_step:
+        # Newer checkpoints were damaged: this run saves over them.
+        save_options["overwrite"] = True
+      if first_step > args.steps:
+        sys.exit(f"--checkpoint-dir {args.checkpoint_dir} holds step "
+                 f"{first_step}, past --steps {args.steps}")
+      for _ in range(first_step):
+        next_batch()
 
   # What the optimizer state holds on one device: its bytes (codes and
   # scales for quantized moments) and how many moments are jadam.QArrays
@@ -230,28 +333,36 @@ def main(argv=None) -> int:
         f"({state_bytes / n_params:.2f} B/param), {quantized} quantized "
         f"moments", flush=True)
   print(f"step {0:5d}  uniform loss {math.log(len(chars)):.3f}", flush=True)
+  if first_step:
+    print(f"resumed at step {first_step} from {ckpt.directory}", flush=True)
 
-  losses = []
-  bar = tqdm.trange(args.steps, desc="train", unit="step")
+  losses = []  # since the last loss line
+  bar = tqdm.tqdm(range(first_step, args.steps), desc="train", unit="step",
+                  initial=first_step, total=args.steps)
   for step in bar:
-    starts = rng.integers(0, len(train_ids) - args.seq_len - 1,
-                          size=args.batch_size)
-    params, opt_state, loss = trainer.step(
-        params, opt_state, windows(train_ids, starts))
+    params, opt_state, loss = trainer.step(params, opt_state, next_batch())
     # One step in flight: on fake CPU devices (JAX 0.10), queued steps whose
     # collectives wait on each other can starve XLA's thread pool.
     losses.append(float(loss))
+    if ckpt is not None and ((step + 1) % args.save_every == 0
+                             or step == args.steps - 1):
+      # Written in the background while the next steps run.
+      ckpt.save(step + 1, params, opt_state, **save_options)
     if (step + 1) % args.log_every == 0 or step == args.steps - 1:
-      recent = float(np.mean(losses[-args.log_every:]))
+      recent = float(np.mean(losses))
+      losses.clear()
       val = float(val_loss(trainer.gather(params), val_batch))
       bar.set_postfix(loss=f"{recent:.3f}")
       tqdm.tqdm.write(f"step {step + 1:5d}  train loss {recent:.3f}  "
                       f"val loss {val:.3f}")
   bar.close()
   sys.stdout.flush()
+  if ckpt is not None:
+    ckpt.close()  # waits for the last save
 
   # Sampling: one jitted forward per character over the last seq_len ones.
   params = trainer.gather(params)
+  final_loss = float(val_loss(params, val_batch))
 
   @jax.jit
   def next_char(params, window, length, key):
@@ -270,6 +381,7 @@ def main(argv=None) -> int:
   print("".join(chars[i] for i in context))
   print("---")
   print(f"wall time: {time.perf_counter() - start:.1f} s")
+  print(f"final loss: {final_loss:.6f}")
   return 0
 
 

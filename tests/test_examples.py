@@ -2,7 +2,9 @@
 
 Each runs as a subprocess with a small ``--steps``, a timeout, and fake CPU
 devices; the assertions read its stdout and compare its numbers with a
-reference run of the same program: optax's optimizer, or one device.
+reference run of the same program: optax's optimizer, or one device, or (for
+a run killed with SIGKILL after a checkpoint and started again) the same run
+uninterrupted. Argument errors are checked with ``parse_args`` alone.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import math
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,6 +25,7 @@ pytest.importorskip("flax")
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
+import jadam.checkpoint  # noqa: E402
 import jadam.parallel  # noqa: E402
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
@@ -280,3 +285,256 @@ def test_data_parallel_aux_matches_one_device():
   ours, theirs = final_line(proc.stdout), final_line(reference.stdout)
   assert float(ours["final loss"]) < float(ours["first loss"])  # it trained
   assert_same_to_last_digit(ours, theirs)
+
+
+# ---------------------------------------------------------------------------
+# Exact resume after kill -9, and argument checks.
+
+
+def start_example(name: str, args, out: pathlib.Path) -> subprocess.Popen:
+  """Starts ``name`` with its stdout and stderr in ``out.stdout`` and
+  ``out.stderr`` (files: a pipe nobody reads could stall it)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  with open(f"{out}.stdout", "w") as stdout, open(f"{out}.stderr", "w") as stderr:
+    return subprocess.Popen([sys.executable, str(EXAMPLES / name), *args],
+                            env=env, stdout=stdout, stderr=stderr, text=True)
+
+
+def finished(popen: subprocess.Popen,
+             out: pathlib.Path) -> subprocess.CompletedProcess:
+  """Waits for a run of :func:`start_example` and reads its output."""
+  popen.wait(timeout=TIMEOUT_S)
+  return subprocess.CompletedProcess(
+      popen.args, popen.returncode, pathlib.Path(f"{out}.stdout").read_text(),
+      pathlib.Path(f"{out}.stderr").read_text())
+
+
+def kill_after_checkpoint(runs: dict, timeout: float = TIMEOUT_S) -> None:
+  """SIGKILLs each run of ``runs`` (name -> (popen, checkpoint dir, step))
+  as soon as its checkpoint of ``step`` is complete (orbax renames it into
+  place once written)."""
+  waiting = dict(runs)
+  deadline = time.monotonic() + timeout
+  while waiting:
+    for name, (popen, ckpt_dir, step) in list(waiting.items()):
+      if popen.poll() is not None:
+        pytest.fail(f"{name} exited with {popen.returncode} before it was "
+                    f"killed after its checkpoint of step {step}")
+      if (ckpt_dir / str(step)).is_dir():
+        popen.send_signal(signal.SIGKILL)
+        popen.wait(timeout=30)
+        del waiting[name]
+    if time.monotonic() > deadline:
+      pytest.fail(f"{', '.join(waiting)}: no checkpoint after {timeout} s")
+    time.sleep(0.002)
+
+
+# Every --save-every steps a checkpoint; the run is killed once the second
+# one is complete (and 40 more steps would follow), then started again with
+# the same command. LM: a tiny transformer, ZeRO-1 over 8 devices; --log-every
+# divides --save-every, so that even the training losses are the same.
+RESUME_CASES = {
+    "train_lm zero1": ("train_lm.py", (
+        "--fake-devices", "8", "--strategy", "zero1", "--steps", "60",
+        "--log-every", "10", "--batch-size", "8", "--seq-len", "32",
+        "--d-model", "32", "--layers", "1", "--heads", "2",
+        "--sample-chars", "0")),
+    # Local steps (the replicas and their inner states, mid-period at step
+    # 20) in float16 with a dynamic loss scale. The learning rate is large so
+    # that the gradients overflow: at step 8 (the checkpoint holds a halved
+    # scale) and at step 41 (after the resume).
+    "train_digits local float16": ("train_digits.py", (
+        "--fake-devices", "4", "--strategy", "local", "--steps", "60",
+        "--batch-size", "64", "--hidden", "32", "--eval-every", "10",
+        "--param-dtype", "float16", "--loss-scale", "dynamic",
+        "--learning-rate", "0.3")),
+}
+SAVE_EVERY, KILL_AFTER = 10, 20
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory):
+  """Per case: the stdout of an uninterrupted run (``"reference"``), and
+that of the same command with a checkpoint directory (``"command"``,
+``"ckpt_dir"``), killed and started again (``"resumed"``)."""
+  tmp = tmp_path_factory.mktemp("resume")
+  started = []
+
+  def start(name, args, out):
+    started.append(start_example(name, args, out))
+    return started[-1]
+
+  try:
+    references, killed, ckpt_args = {}, {}, {}
+    for i, (case, (name, args)) in enumerate(RESUME_CASES.items()):
+      ckpt_args[case] = (*args, "--checkpoint-dir", str(tmp / f"ckpt{i}"),
+                         "--save-every", str(SAVE_EVERY))
+      references[case] = start(name, args, tmp / f"reference{i}")
+      killed[case] = (start(name, ckpt_args[case], tmp / f"killed{i}"),
+                      tmp / f"ckpt{i}", KILL_AFTER)
+    kill_after_checkpoint(killed)
+    for case, (popen, _, _) in killed.items():
+      assert popen.returncode == -signal.SIGKILL, (case, popen.returncode)
+    resumed = {case: start(name, ckpt_args[case], tmp / f"resumed{i}")
+               for i, (case, (name, _)) in enumerate(RESUME_CASES.items())}
+    out = {}
+    for i, case in enumerate(RESUME_CASES):
+      runs = (finished(references[case], tmp / f"reference{i}"),
+              finished(resumed[case], tmp / f"resumed{i}"))
+      for run in runs:
+        assert run.returncode == 0, (
+            f"{case}: {' '.join(run.args[1:])} exited with {run.returncode}\n"
+            f"stdout:\n{run.stdout}\nstderr:\n{run.stderr[-4000:]}")
+      out[case] = {"reference": runs[0].stdout, "resumed": runs[1].stdout,
+                   "command": (RESUME_CASES[case][0], ckpt_args[case]),
+                   "ckpt_dir": tmp / f"ckpt{i}"}
+    return out
+  finally:
+    for popen in started:
+      if popen.poll() is None:
+        popen.kill()
+        popen.wait()
+
+
+def without(pattern: str, out: str) -> str:
+  return re.sub(pattern, "", out, flags=re.M)
+
+
+def assert_resumed_prints_the_same(reference: str, resumed: str) -> int:
+  """The resumed run's stdout is the reference's from the resumed step on
+  (its loss lines, the sample, the final numbers), but the wall time;
+  returns that step."""
+  resumed_at = re.search(r"^resumed at step (\d+) from .*$", resumed, re.M)
+  assert resumed_at, resumed
+  assert resumed.splitlines()[-1] == reference.splitlines()[-1]  # final loss
+  # The resumed run prints no loss lines of the steps it restored.
+  done = "|".join(str(s) for s in range(1, int(resumed_at[1]) + 1))
+  wall_time = r"^wall time: [\d.]+ s\n"
+  assert (without(wall_time + "|" + re.escape(resumed_at[0]) + r"\n", resumed)
+          == without(wall_time + rf"|^step +({done})  train loss .*\n", reference))
+  return int(resumed_at[1])
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_after_kill_prints_the_uninterrupted_run(resumed_runs, case):
+  """Started again with the same command after a kill -9 once its second
+  checkpoint was written, the example resumes from its newest checkpoint
+  (params, optimizer state with the strategy's own state and the loss
+  scale, step, the data stream's position) and prints what the run without
+  checkpoints printed from there on: the same final loss, and every other
+  line but the wall time."""
+  reference, resumed = resumed_runs[case]["reference"], resumed_runs[case]["resumed"]
+  assert re.search(r"^final loss: \d+\.\d{6}\n\Z", reference, re.M), reference
+  step = assert_resumed_prints_the_same(reference, resumed)
+  assert KILL_AFTER <= step < 60, resumed
+  if case.startswith("train_lm"):
+    assert len(loss_curve(reference)) == 2 * 6  # train and val every 10 steps
+  else:
+    # The checkpoint held a loss scale halved by an overflow (and the same
+    # steps were skipped: the "loss scale" lines are the same).
+    scale = read_float(r"^resumed at step \d+ from .*, loss scale (\d+)$", resumed)
+    assert scale < 2**15, resumed
+    assert read_float(r"^loss scale: (\d+) at the end", reference) <= scale
+
+
+@pytest.mark.skipif(not hasattr(jadam.checkpoint, "CheckpointCorruptError"),
+                    reason="this jadam.checkpoint does not verify checkpoints")
+def test_resume_skips_a_damaged_checkpoint(resumed_runs):
+  """The finished run's directory with its newest checkpoint (step 60)
+  damaged: the same command again resumes from step 50, saves step 60 over
+  the damaged one, and prints the uninterrupted run's numbers."""
+  run = resumed_runs["train_lm zero1"]
+  newest = run["ckpt_dir"] / "60"
+  assert newest.is_dir()
+  data = max((p for p in (newest / "opt_state").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  damaged = bytearray(data.read_bytes())
+  middle = len(damaged) // 2
+  damaged[middle:middle + 16] = bytes(b ^ 0xFF for b in damaged[middle:middle + 16])
+  data.write_bytes(damaged)
+  name, args = run["command"]
+  again = run_example(name, *args)
+  assert assert_resumed_prints_the_same(run["reference"], again.stdout) == 50
+  assert newest.is_dir() and not (data.exists() and data.read_bytes() == damaged)
+
+
+# Both examples refuse these ...
+BAD_ARGUMENTS = [
+    (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    (["--steps", "-1"], "argument --steps: expected a positive integer, got '-1'"),
+    (["--steps", "1.5"], "argument --steps: expected a positive integer, got '1.5'"),
+    (["--fake-devices", "-2"],
+     "argument --fake-devices: expected a positive integer, got '-2'"),
+    (["--fake-devices", "0"],
+     "argument --fake-devices: expected a positive integer, got '0'"),
+    (["--batch-size", "0"],
+     "argument --batch-size: expected a positive integer, got '0'"),
+    (["--learning-rate", "-0.001"],
+     "argument --learning-rate: expected a positive number, got '-0.001'"),
+    (["--learning-rate", "nan"],
+     "argument --learning-rate: expected a positive number, got 'nan'"),
+    (["--weight-decay", "-1"],
+     "argument --weight-decay: expected a non-negative number, got '-1'"),
+    (["--seed", "-1"], "argument --seed: expected a non-negative integer, got '-1'"),
+    (["--checkpoint-dir", "d", "--save-every", "0"],
+     "argument --save-every: expected a positive integer, got '0'"),
+    (["--save-every", "5"], "--save-every needs --checkpoint-dir"),
+    (["--batch-size", "36", "--fake-devices", "8"],
+     "--batch-size 36 must be a multiple of --fake-devices 8 (every device "
+     "takes an equal share of the batch)"),
+]
+# ... and each its own.
+BAD_ARGUMENTS_OF = {
+    "train_lm.py": [
+        (["--heads", "3"], "--heads 3 must divide --d-model 128"),
+        (["--inner-steps", "0"],
+         "argument --inner-steps: expected a positive integer, got '0'"),
+        (["--warmup-steps", "0"],
+         "argument --warmup-steps: expected a positive integer, got '0'"),
+        (["--outer-momentum", "1"],
+         "argument --outer-momentum: expected a number in [0, 1), got '1'"),
+        (["--log-every", "0"],
+         "argument --log-every: expected a positive integer, got '0'"),
+        (["--sample-chars", "-1"],
+         "argument --sample-chars: expected a non-negative integer, got '-1'"),
+        (["--temperature", "0"],
+         "argument --temperature: expected a positive number, got '0'"),
+    ],
+    "train_digits.py": [
+        (["--eval-every", "0"],
+         "argument --eval-every: expected a positive integer, got '0'"),
+        (["--hidden", "0"],
+         "argument --hidden: expected a positive integer, got '0'"),
+        (["--batch-size", "1440"], "argument --batch-size: expected at most "
+         "the 1437 training images, got 1440"),
+        (["--loss-scale", "-8"], "argument --loss-scale: expected 'dynamic' "
+         "or a positive number, got '-8'"),
+        (["--loss-scale", "big"], "argument --loss-scale: expected 'dynamic' "
+         "or a positive number, got 'big'"),
+    ],
+}
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    (name, argv, message) for name, own in BAD_ARGUMENTS_OF.items()
+    for argv, message in BAD_ARGUMENTS + own])
+def test_examples_refuse_bad_arguments(name, argv, message, capsys):
+  """Counts that must be positive, and the rest, are argparse errors that
+  name the flag and what it expects, before JAX starts."""
+  example = load_example(name)
+  with pytest.raises(SystemExit) as exit_info:
+    example.parse_args(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert f"error: {message}\n" in err, err
+
+
+@pytest.mark.parametrize("name", ["train_lm.py", "train_digits.py"])
+def test_examples_checkpoint_arguments(name):
+  example = load_example(name)
+  args = example.parse_args(["--checkpoint-dir", "d"])
+  assert (args.checkpoint_dir, args.save_every) == ("d", 100)
+  args = example.parse_args(["--checkpoint-dir", "d", "--save-every", "7",
+                             "--fake-devices", "4", "--batch-size", "64"])
+  assert (args.save_every, args.fake_devices, args.batch_size) == (7, 4, 64)
+  assert example.parse_args([]).checkpoint_dir is None
