@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _kernel
 from . import _quant
 from . import _rule
 from . import _segments
@@ -127,6 +128,7 @@ def tree_update(
     step was taken, else it is ``None``.
   """
   check_state(fn, rule, state)
+  rule = _kernel.effective_rule(rule)  # JADAM_KERNEL, part of the jit's key
   V.check_same_structure("grads", grads, "state.mu", _quant.as_arrays(state.mu))
   use_wd = _update.check_params_given(fn, rule, hp, params, apply=apply)
   if params is not None:
@@ -147,13 +149,15 @@ def _tree_body(static, hp, grads, state, params):
   live = [i for i, g in enumerate(g_flat) if g is not None]
   chunks = [_update.Chunk(g_flat[i], tuple(m[i] for m in moments_flat), p_flat[i],
                           _segments.WHOLE, (decay_mask[i],)) for i in live]
-  count_inc, results, finite = _update.update_chunks(rule, hp, state.count, chunks,
-                                                     use_wd=use_wd, scale_lr=scale_lr)
+  out_dtypes = [_update.update_dtype(rule, (g_flat[i] if p_flat[i] is None else p_flat[i]).dtype)
+                for i in live]
+  count_inc, results, finite = _kernel.update_and_finish(
+      rule, hp, state.count, chunks, use_wd=use_wd, scale_lr=scale_lr, apply=apply,
+      out_dtypes=out_dtypes)
   out = [None] * len(g_flat)
   new_moments = [[None] * len(g_flat) for _ in rule.moment_names]
-  for i, (u, moms) in zip(live, results):
-    ref = p_flat[i] if p_flat[i] is not None else g_flat[i]
-    out[i] = _update.finish(u, p_flat[i], _update.update_dtype(rule, ref.dtype), apply)
+  for i, (o, moms) in zip(live, results):
+    out[i] = o
     for nm, m in zip(new_moments, moms):
       nm[i] = m
   new_state = state_class(rule)(count_inc, *(treedef.unflatten(m) for m in new_moments))
@@ -203,9 +207,11 @@ def _functional_hyper(fn, learning_rate, b1, b2, eps, eps_root, weight_decay):
   return spec.hyper()
 
 
-def _functional_rule(fn: str, nesterov, skip_nonfinite) -> _rule.Rule:
+def _functional_rule(fn: str, nesterov, skip_nonfinite, kernel) -> _rule.Rule:
+  V.check_choice(fn, "kernel", kernel, _rule.KERNELS)
   return _rule.Rule("adam", nesterov=bool(nesterov),
-                    skip_nonfinite=V.check_bool(fn, "skip_nonfinite", skip_nonfinite))
+                    skip_nonfinite=V.check_bool(fn, "skip_nonfinite", skip_nonfinite),
+                    kernel=kernel)
 
 
 def update(
@@ -221,6 +227,7 @@ def update(
     weight_decay=0.0,
     nesterov: bool = False,
     skip_nonfinite: bool = False,
+    kernel: str = "auto",
 ):
   r"""One Adam(W) step: returns the updates (to add to the params) and the new state.
 
@@ -249,6 +256,8 @@ def update(
     skip_nonfinite: if the gradient holds a NaN or an inf, skip the step:
       zero updates and the state as it was (``new_state.count ==
       state.count`` tells a skipped step).
+    kernel: ``"auto"``, ``"xla"`` or ``"fused"`` (the fused CPU kernel), as
+      in :func:`jadam.adam`.
 
   Returns:
     ``(updates, new_state)``.
@@ -267,7 +276,7 @@ def update(
   .. seealso:: :func:`jadam.step`, :func:`jadam.adam`.
   """
   hp = _functional_hyper("jadam.update", learning_rate, b1, b2, eps, eps_root, weight_decay)
-  rule = _functional_rule("jadam.update", nesterov, skip_nonfinite)
+  rule = _functional_rule("jadam.update", nesterov, skip_nonfinite, kernel)
   return tree_update("jadam.update", rule, hp, grads, state, params)[:2]
 
 
@@ -284,6 +293,7 @@ def step(
     weight_decay=0.0,
     nesterov: bool = False,
     skip_nonfinite: bool = False,
+    kernel: str = "auto",
 ):
   """One Adam(W) step, update and apply in one pass: ``(new_params, new_state)``.
 
@@ -305,5 +315,5 @@ def step(
     >>> params, state = jax.jit(jadam.step)(grads, state, params)
   """
   hp = _functional_hyper("jadam.step", learning_rate, b1, b2, eps, eps_root, weight_decay)
-  rule = _functional_rule("jadam.step", nesterov, skip_nonfinite)
+  rule = _functional_rule("jadam.step", nesterov, skip_nonfinite, kernel)
   return tree_update("jadam.step", rule, hp, grads, state, params, apply=True)[:2]

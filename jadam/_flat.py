@@ -20,11 +20,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import _compose
 from . import _core
+from . import _kernel
 from . import _quant
 from . import _rule
 from . import _segments
 from . import _update
 from . import _validate as V
+from ._layout import PAD_MULTIPLE
 from ._layout import FlatLayout
 from ._layout import sharded_pad_multiple
 from ._packed import Packed
@@ -154,6 +156,7 @@ def flat_update(
   """
   layout = state_layout(fn, rule, state).for_tree(
       f"{fn}(updates=...)", grads, "the state's flat layout")
+  rule = _kernel.effective_rule(rule)  # JADAM_KERNEL, part of the jit's key
   use_wd = _update.check_params_given(fn, rule, hp, params)
   if params is not None:
     params_layout = layout.for_tree(f"{fn}(params=...)", params, "the state's flat layout")
@@ -179,6 +182,7 @@ def packed_update(fn: str, rule: _rule.Rule, hp: _rule.Hyper, grads: Packed, sta
     raise ValueError(
         f"`{fn}`: updates, state and params must be packed by the same FlatLayout "
         "(the state made by init from the same packed params)")
+  rule = _kernel.effective_rule(rule)
   use_wd = _update.check_params_given(fn, rule, hp, params)
   static = (rule, layout, _flags(decay_mask, layout), use_wd, params is not None, scale_lr)
   return _update.jitted(_packed_body, static, hp, grads, state, params)
@@ -188,8 +192,9 @@ def _flags(decay_mask, layout: FlatLayout) -> tuple[bool, ...]:
   return (True,) * layout.num_leaves if decay_mask is None else tuple(decay_mask)
 
 
-def _buffers_step(static, hp, count, g_packed, moments, p_packed):
-  # The flat layout's chunks: one per packed buffer.
+def _buffers_step(static, hp, count, g_packed, moments, p_packed, out_dtypes):
+  # The flat layout's chunks: one per packed buffer. Results are finished
+  # updates in `out_dtypes` (per buffer key).
   rule, layout, decay_mask, use_wd, _, scale_lr = static
   refs = {b.key: _quant.sharding_ref(moments[0][b.key]) for b in layout.buffers}
   chunks = [
@@ -199,8 +204,10 @@ def _buffers_step(static, hp, count, g_packed, moments, p_packed):
           _segments.BufferSegments(layout, b.key), tuple(decay_mask[i] for i in b.leaves))
       for b in layout.buffers
   ]
-  count_inc, results, finite = _update.update_chunks(rule, hp, count, chunks,
-                                                     use_wd=use_wd, scale_lr=scale_lr)
+  count_inc, results, finite = _kernel.update_and_finish(
+      rule, hp, count, chunks, use_wd=use_wd, scale_lr=scale_lr, apply=None,
+      out_dtypes=[out_dtypes[b.key] for b in layout.buffers],
+      for_mesh=layout.pad_multiple != PAD_MULTIPLE)
   new_moments = [Packed(layout, {b.key: moms[j] for b, (_, moms) in zip(layout.buffers, results)})
                  for j in range(len(rule.moment_names))]
   return (count_inc, {b.key: u for b, (u, _) in zip(layout.buffers, results)}, new_moments,
@@ -215,14 +222,12 @@ def _flat_body(static, hp, grads, state, params):
   p_packed = (layout.pack(params)
               if has_params and (use_wd or rule.trust_ratio or rule.master) else None)
   moments = [getattr(state, n) for n in rule.moment_names]
-  count_inc, out, new_moments, finite = _buffers_step(static, hp, state.count, g_packed,
-                                                      moments, p_packed)
   # The tree form returns updates in the params' dtypes (else the gradients').
-  updates = layout.unpack({
-      b.key: _update.finish(
-          u, None, _update.update_dtype(rule, b.dtype) if has_params else g_packed[b.key].dtype,
-          None)
-      for b, u in zip(layout.buffers, out.values())})
+  out_dtypes = {b.key: _update.update_dtype(rule, b.dtype) if has_params
+                else g_packed[b.key].dtype for b in layout.buffers}
+  count_inc, out, new_moments, finite = _buffers_step(static, hp, state.count, g_packed,
+                                                      moments, p_packed, out_dtypes)
+  updates = layout.unpack(out)
   if not has_params:
     updates = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), updates, grads)
   # Each update leaf sharded like its param (or gradient) on an Explicit mesh.
@@ -233,9 +238,9 @@ def _flat_body(static, hp, grads, state, params):
 def _packed_body(static, hp, grads, state, params):
   rule, layout = static[:2]
   moments = [getattr(state, n) for n in rule.moment_names]
-  count_inc, out, new_moments, finite = _buffers_step(static, hp, state.count, grads, moments,
-                                                      params)
   ref = params if params is not None else grads
-  updates = Packed(layout, {k: _update.finish(u, None, _update.update_dtype(rule, ref[k].dtype),
-                                              None) for k, u in out.items()})
+  out_dtypes = {b.key: _update.update_dtype(rule, ref[b.key].dtype) for b in layout.buffers}
+  count_inc, out, new_moments, finite = _buffers_step(static, hp, state.count, grads, moments,
+                                                      params, out_dtypes)
+  updates = Packed(layout, out)
   return updates, _core.state_class(rule)(count_inc, *new_moments), finite

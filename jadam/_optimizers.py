@@ -7,6 +7,7 @@ where optax lacks them, ``layout``, ``skip_nonfinite``), and returns an
 ``TrainState`` and ``nnx.Optimizer``.
 """
 
+import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -14,13 +15,23 @@ import optax
 
 from . import _core
 from . import _rule
-from ._transformation import build as _build
+from . import _transformation
+from . import _validate as V
 
 # optax's own annotation objects (evaluated, not strings): code that inspects
 # annotations treats jadam's factories as optax's.
 ScalarOrSchedule = optax.ScalarOrSchedule
 MaskOrFn = optax.MaskOrFn
 Numeric = jax.typing.ArrayLike
+
+
+def _build(spec: _core.OptimizerSpec, layout: str, skip_nonfinite: bool,
+           master_weights: Optional[str], kernel: str) -> optax.GradientTransformationExtraArgs:
+  """The transformation of ``spec``, its rule run as ``kernel`` says (see
+  :mod:`jadam._kernel`)."""
+  V.check_choice(spec.name, "kernel", kernel, _rule.KERNELS)
+  spec = spec._replace(rule=dataclasses.replace(spec.rule, kernel=kernel))
+  return _transformation.build(spec, layout, skip_nonfinite, master_weights)
 
 
 def scale_by_adam(
@@ -35,6 +46,7 @@ def scale_by_adam(
     layout: str = "tree",
     skip_nonfinite: bool = False,
     master_weights: Optional[str] = None,
+    kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Adam's rule (no learning rate): ``optax.scale_by_adam``.
 
@@ -54,7 +66,7 @@ def scale_by_adam(
       format: ``"q8"``, or ``"q4"`` (4-bit, rank-1 normalized over a
       matrix's rows and columns, a linear map without zero).
     layout: ``"tree"`` (optax's state layout) or ``"flat"`` (packed state).
-    skip_nonfinite, master_weights: jadam extras, as in :func:`jadam.adam`.
+    skip_nonfinite, master_weights, kernel: jadam extras, as in :func:`jadam.adam`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -74,6 +86,7 @@ def scale_by_adam(
       layout,
       skip_nonfinite,
       master_weights,
+      kernel,
   )
 
 
@@ -90,6 +103,7 @@ def adam(
     layout: str = "tree",
     skip_nonfinite: bool = False,
     master_weights: Optional[str] = None,
+    kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Adam optimizer, interchangeable with ``optax.adam``.
 
@@ -119,6 +133,14 @@ def adam(
       float32 rounding error: 4 bytes) or ``"q8"`` (that error in 1/256 of
       the param's last place: 1 byte); updates below a param's last place
       are never lost. The state gains a ``jadam.MasterState``.
+    kernel: how the step runs on CPU (jadam extra): ``"xla"`` (XLA's ops),
+      ``"fused"`` (a fused C++ kernel, one pass over all leaves, moments and
+      params in place with ``jadam.step``; agrees with XLA's ops to float32
+      rounding; a ``ValueError`` says why where it cannot run) or ``"auto"``
+      (default: XLA's ops for now; ``JADAM_KERNEL=fused`` in the environment
+      makes it the kernel wherever the kernel can run). Without a C++
+      compiler every mode runs XLA's ops (one logged notice). See
+      :mod:`jadam._kernel`.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is ``optax.adam``'s own
@@ -142,6 +164,7 @@ def adam(
       layout,
       skip_nonfinite,
       master_weights,
+      kernel,
   )
 
 
@@ -158,6 +181,7 @@ def nadam(
     layout: str = "tree",
     skip_nonfinite: bool = False,
     master_weights: Optional[str] = None,
+    kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """NAdam: Adam with Nesterov momentum, interchangeable with ``optax.nadam``.
 
@@ -174,6 +198,7 @@ def nadam(
       layout,
       skip_nonfinite,
       master_weights,
+      kernel,
   )
 
 
@@ -192,6 +217,7 @@ def adamw(
     layout: str = "tree",
     skip_nonfinite: bool = False,
     master_weights: Optional[str] = None,
+    kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with decoupled weight decay, interchangeable with ``optax.adamw``.
 
@@ -206,7 +232,7 @@ def adamw(
     nesterov: use Nesterov momentum (NAdamW).
     nu_dtype: dtype of the second moment (jadam extra).
     layout: ``"tree"`` or ``"flat"``.
-    skip_nonfinite, master_weights: jadam extras, as in :func:`jadam.adam`.
+    skip_nonfinite, master_weights, kernel: jadam extras, as in :func:`jadam.adam`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -226,6 +252,7 @@ def adamw(
       layout,
       skip_nonfinite,
       master_weights,
+      kernel,
   )
 
 
@@ -244,6 +271,7 @@ def nadamw(
     layout: str = "tree",
     skip_nonfinite: bool = False,
     master_weights: Optional[str] = None,
+    kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """NAdamW: AdamW with Nesterov momentum, interchangeable with ``optax.nadamw``.
 
@@ -257,4 +285,5 @@ def nadamw(
       layout,
       skip_nonfinite,
       master_weights,
+      kernel,
   )

@@ -13,7 +13,7 @@ from . import _rule
 from ._optimizers import MaskOrFn
 from ._optimizers import Numeric
 from ._optimizers import ScalarOrSchedule
-from ._transformation import build as _build
+from ._optimizers import _build
 
 
 def amsgrad(
@@ -30,6 +30,7 @@ def amsgrad(
     layout: str = "tree",
     skip_nonfinite: bool = False,
     master_weights: Optional[str] = None,
+    kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """AMSGrad: Adam with a running maximum of ``nu``, as ``optax.amsgrad``.
 
@@ -39,7 +40,7 @@ def amsgrad(
     bias_correction_nu: bias-correct the second moment (before the maximum).
     nu_dtype: dtype of ``nu`` and ``nu_max`` (jadam extra).
     layout: ``"tree"`` or ``"flat"``.
-    skip_nonfinite, master_weights: jadam extras, as in :func:`jadam.adam`.
+    skip_nonfinite, master_weights, kernel: jadam extras, as in :func:`jadam.adam`.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is ``optax.amsgrad``'s own
@@ -59,6 +60,7 @@ def amsgrad(
       layout,
       skip_nonfinite,
       master_weights,
+      kernel,
   )
 
 
@@ -73,6 +75,7 @@ def adamax(
     layout: str = "tree",
     skip_nonfinite: bool = False,
     master_weights: Optional[str] = None,
+    kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adamax (Adam with the infinity norm), as ``optax.adamax``.
 
@@ -83,7 +86,7 @@ def adamax(
     learning_rate, b1, b2, eps: as :func:`jadam.adam`.
     mu_dtype, nu_dtype: moment dtypes (jadam extras).
     layout: ``"tree"`` or ``"flat"``.
-    skip_nonfinite, master_weights: jadam extras, as in :func:`jadam.adam`.
+    skip_nonfinite, master_weights, kernel: jadam extras, as in :func:`jadam.adam`.
 
   References:
     Kingma & Ba, 2014, https://arxiv.org/abs/1412.6980 (section 7)
@@ -96,6 +99,7 @@ def adamax(
       layout,
       skip_nonfinite,
       master_weights,
+      kernel,
   )
 
 
@@ -112,6 +116,7 @@ def adamaxw(
     layout: str = "tree",
     skip_nonfinite: bool = False,
     master_weights: Optional[str] = None,
+    kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """Adamax with decoupled weight decay, as ``optax.adamaxw``.
 
@@ -126,6 +131,7 @@ def adamaxw(
       layout,
       skip_nonfinite,
       master_weights,
+      kernel,
   )
 
 
@@ -143,6 +149,7 @@ def radam(
     layout: str = "tree",
     skip_nonfinite: bool = False,
     master_weights: Optional[str] = None,
+    kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """Rectified Adam, as ``optax.radam``.
 
@@ -152,7 +159,7 @@ def radam(
     nesterov: use Nesterov momentum.
     mu_dtype, nu_dtype: moment dtypes (jadam extras).
     layout: ``"tree"`` or ``"flat"``.
-    skip_nonfinite, master_weights: jadam extras, as in :func:`jadam.adam`.
+    skip_nonfinite, master_weights, kernel: jadam extras, as in :func:`jadam.adam`.
 
   References:
     Liu et al., 2020, https://arxiv.org/abs/1908.03265
@@ -165,6 +172,7 @@ def radam(
       layout,
       skip_nonfinite,
       master_weights,
+      kernel,
   )
 
 
@@ -182,6 +190,7 @@ def lamb(
     layout: str = "tree",
     skip_nonfinite: bool = False,
     master_weights: Optional[str] = None,
+    kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """LAMB: AdamW scaled per parameter by the trust ratio ``|p| / |u|``, as ``optax.lamb``.
 
@@ -190,7 +199,7 @@ def lamb(
     weight_decay, mask: as :func:`jadam.adamw`.
     mu_dtype, nu_dtype: moment dtypes (jadam extras).
     layout: ``"tree"`` or ``"flat"`` (per-parameter norms by segment sums).
-    skip_nonfinite, master_weights: jadam extras, as in :func:`jadam.adam`.
+    skip_nonfinite, master_weights, kernel: jadam extras, as in :func:`jadam.adam`.
 
   References:
     You et al., 2020, https://arxiv.org/abs/1904.00962
@@ -203,4 +212,5 @@ def lamb(
       layout,
       skip_nonfinite,
       master_weights,
+      kernel,
   )

@@ -30,6 +30,7 @@ import numpy as np
 from . import _master
 
 KINDS = ("adam", "amsgrad", "adamax", "radam")
+KERNELS = ("auto", "xla", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Rule:
       nothing: zero updates, the moments and the count as they were.
     master: ``None``, ``"float32"`` or ``"q8"``: master weights (see
       :mod:`jadam._master`), kept in the state as ``master``.
+    kernel: how the step runs, not what it computes: ``"auto"``, ``"xla"``
+      or ``"fused"`` (see :mod:`jadam._kernel`).
   """
 
   kind: str = "adam"
@@ -61,10 +64,13 @@ class Rule:
   nu_frozen_at: int = 0
   skip_nonfinite: bool = False
   master: str | None = None
+  kernel: str = "auto"
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"Rule(kind=...) must be one of {KINDS}, got {self.kind!r}")
+    if self.kernel not in KERNELS:
+      raise ValueError(f"Rule(kernel=...) must be one of {KERNELS}, got {self.kernel!r}")
     _master.check_format("Rule", "master", self.master)
     if not isinstance(self.nu_frozen_at, int) or self.nu_frozen_at < 0:
       raise ValueError(

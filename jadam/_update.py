@@ -125,16 +125,36 @@ def update_chunks(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunks, *
     as they were and ``count``. ``finite`` is ``None`` without
     ``skip_nonfinite``.
   """
+  hp, count_inc, scalars = step_inputs(rule, hp, count)
+  results, finite = apply_chunks(rule, hp, scalars, chunks, use_wd=use_wd,
+                                 scale_lr=scale_lr, finite=finite)
+  return next_count(count, count_inc, finite), results, finite
+
+
+def step_inputs(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array):
+  """``(hp, count + 1, scalars)``: ``hp`` with its schedules evaluated at
+  ``count``, the new count and :func:`jadam._rule.step_scalars` of the step."""
   hp = evaluate_schedules(hp, count)
   count_inc = _rule.safe_increment(count)
-  scalars = _rule.step_scalars(rule, hp, count_inc)
+  return hp, count_inc, _rule.step_scalars(rule, hp, count_inc)
+
+
+def next_count(count, count_inc, finite):
+  """The state's new count: ``count`` again after a skipped step."""
+  return count_inc if finite is None else jnp.where(finite, count_inc, count)
+
+
+def apply_chunks(rule: _rule.Rule, hp: _rule.Hyper, scalars: _rule.StepScalars, chunks, *,
+                 use_wd: bool, scale_lr: bool, finite=None):
+  """The body of :func:`update_chunks` once ``hp`` and ``scalars`` are known:
+  ``([(update, new_moments) per chunk], finite)``."""
 
   def step():
     return [apply_rule(rule, hp, scalars, c, use_wd=use_wd, scale_lr=scale_lr)
             for c in chunks]
 
   if not rule.skip_nonfinite:
-    return count_inc, step(), None
+    return step(), None
   if finite is None:
     finite = all_finite([c.grad for c in chunks])
 
@@ -146,8 +166,7 @@ def update_chunks(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunks, *
   # A conditional, not a select: the update pass runs only on a finite
   # gradient (a select of new against old values took 2.5x the time of the
   # update on CPU; the conditional adds about 30%: BENCHMARKS.md).
-  results = jax.lax.cond(finite, step, skip)
-  return jnp.where(finite, count_inc, count), results, finite
+  return jax.lax.cond(finite, step, skip), finite
 
 
 def finish(u: jax.Array, param, dtype, apply: str | None) -> jax.Array:

@@ -353,3 +353,15 @@ def test_cli_rejects_unknown_cases():
     _bench.main(["--cases", "a,z"])
   with pytest.raises(ValueError, match="unknown"):
     _bench.run(cases=["z"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    (["--steps", "-3"], "argument --steps: expected a positive integer, got '-3'"),
+    (["--cases", ","], "argument --cases: expected at least one of a,b,c,d,e"),
+])
+def test_cli_rejects_bad_counts(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    _bench.main(argv)
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err

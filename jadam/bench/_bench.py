@@ -75,8 +75,11 @@ from ._runners import torch_available
 IMPLS = (
     "optax",
     "jadam_tree",
+    "jadam_tree_fused",
+    "jadam_step_fused",
     "jadam_flat_tree_io",
     "jadam_flat",
+    "jadam_flat_fused",
     "jadam_tree_q8",
     "jadam_flat_q8",
     "torch_fused",
@@ -86,8 +89,13 @@ IMPLS = (
 IMPL_HELP = {
     "optax": "optax.adam + optax.apply_updates",
     "jadam_tree": "jadam.adam (tree layout) + optax.apply_updates",
+    "jadam_tree_fused": ("jadam.adam(kernel='fused') (tree layout; the fused multi-tensor "
+                         "CPU kernel, one call for all leaves) + optax.apply_updates"),
+    "jadam_step_fused": ("jadam.step(kernel='fused') on tree params, grads and state "
+                         "(update and apply in one pass, in place)"),
     "jadam_flat_tree_io": "jadam.adam(layout='flat'): tree grads in, tree updates out",
     "jadam_flat": "jadam.step on packed params/grads/state (flat end to end)",
+    "jadam_flat_fused": "jadam.step(kernel='fused') on packed params/grads/state",
     "jadam_tree_q8": ("jadam.adam(mu_dtype='q8', nu_dtype='q8') (tree layout; 8-bit "
                       "block-wise moments, float32 under 4096 elements) + optax.apply_updates"),
     "jadam_flat_q8": ("jadam.step with q8 moments on packed params/grads/state, in the "
@@ -366,7 +374,19 @@ def _parse_list(s: str, allowed) -> list[str]:
   bad = [x for x in out if x not in allowed]
   if bad:
     raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {','.join(allowed)}")
+  if not out:
+    raise argparse.ArgumentTypeError(f"expected at least one of {','.join(allowed)}")
   return out
+
+
+def _positive_int(s: str) -> int:
+  try:
+    value = int(s)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+  return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--impls", type=lambda s: _parse_list(s, IMPLS), default=list(IMPLS),
                       help="comma-separated implementations (default: all available)")
   parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-  parser.add_argument("--steps", type=int, default=None,
+  parser.add_argument("--steps", type=_positive_int, default=None,
                       help="timed steps per implementation (default 25, quick 6)")
   args = parser.parse_args(argv)
   impls = args.impls

@@ -233,11 +233,9 @@ def _optimizer_step(tx):
   return step
 
 
-def _flat_step(grads_packed_unused=None):
-  del grads_packed_unused
-
+def _flat_step(kernel: str = "auto"):
   def step(packed, state, grads):
-    return jadam.step(grads, state, packed, learning_rate=LEARNING_RATE)
+    return jadam.step(grads, state, packed, learning_rate=LEARNING_RATE, kernel=kernel)
   return step
 
 
@@ -290,6 +288,20 @@ def build_optimizer_runners(case: Case, impls, device, jax_device) -> tuple[dict
       tx = jadam.adam(LEARNING_RATE, layout="flat")
       p = _copy(params)
       runners[impl] = JaxRunner(_optimizer_step(tx), (p, tx.init(p), grads))
+    elif impl == "jadam_tree_fused":
+      tx = jadam.adam(LEARNING_RATE, kernel="fused")
+      p = _copy(params)
+      runners[impl] = JaxRunner(_optimizer_step(tx), (p, tx.init(p), grads))
+    elif impl == "jadam_step_fused":
+      p = _copy(params)
+      runners[impl] = JaxRunner(_flat_step("fused"), (p, jadam.init(p), grads))
+    elif impl == "jadam_flat_fused":
+      layout = FlatLayout.from_tree(params)
+      packed = jax.jit(layout.pack)(params)
+      runners[impl] = JaxRunner(
+          _flat_step("fused"), (packed, jadam.init(packed), jax.jit(layout.pack)(grads)),
+          unpack=layout.unpack,
+      )
     elif impl == "jadam_flat":
       layout = FlatLayout.from_tree(params)
       packed = jax.jit(layout.pack)(params)

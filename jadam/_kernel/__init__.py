@@ -1,0 +1,312 @@
+"""The fused multi-tensor Adam kernel for XLA:CPU, behind one hook for the layouts.
+
+The tree and flat layouts call :func:`update_and_finish` with their chunks: it
+is :func:`jadam._update.update_chunks` followed by :func:`jadam._update.finish`
+on every chunk, run either as XLA ops (a few loops per chunk) or as one call
+of a C++ kernel (``adam_kernel.cc``, through ``jax.ffi``) that updates all the
+chunks in one pass each: 28 bytes per float32 parameter for ``jadam.step``,
+moments (and params) in place, split over the CPU's cores, and a compile time
+that no longer grows with the number of leaves. The same float32 operations in
+the same order, to float32 rounding (below).
+
+Which path runs (``kernel=`` of every optimizer, :attr:`jadam._rule.Rule.kernel`):
+
+* ``"fused"``: the kernel, or a ``ValueError`` saying why it cannot run this
+  step. It runs every rule (Adam, NAdam, AMSGrad, Adamax, RAdam, decoupled
+  weight decay with masks, LAMB, ``skip_nonfinite`` except with LAMB) with
+  float32, bfloat16 or float16 params, gradients and moments, on CPU. Not:
+  quantized ``q8``/``q4`` moments, master weights, 1-bit Adam's frozen
+  ``nu``, complex or float64 values, arrays split over a mesh (explicit
+  shardings, a flat layout packed for a mesh; under GSPMD's automatic
+  sharding, which a traced step cannot see, the custom call would be
+  replicated: use ``"xla"`` there).
+* ``"xla"``: always the XLA ops.
+* ``"auto"`` (default): what :data:`AUTO` says, or ``$JADAM_KERNEL``
+  (``xla`` or ``fused``, read when a step is traced); with ``fused`` the
+  kernel where it can run (the XLA ops elsewhere, no error).
+
+The kernel computes every operation of the rule rounded to float32, in the
+rule's order. XLA:CPU contracts some multiply-adds into FMAs and turns some
+divisions into multiplications by reciprocals, differently in different
+programs (the same leaf's update differs in its last bits between a one-leaf
+and a two-leaf tree), so the kernel agrees with the XLA path and with optax
+to float32 rounding (``tests/test_kernel.py``), not bit for bit.
+
+Where the kernel cannot be built (no C++ compiler, no FFI) every mode runs the
+XLA ops after one logged notice. Under ``jax.vmap`` and in derivatives
+(``jax.grad``/``jvp`` through the step) the kernel steps aside for the XLA ops
+(a ``custom_vmap`` and a ``custom_jvp``): it has no rule of its own there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _quant
+from .. import _rule
+from .. import _segments
+from .. import _update
+from .._sharding import explicit_sharding
+from . import _ffi
+
+MODES = ("auto", "xla", "fused")
+ENV = "JADAM_KERNEL"
+AUTO = "xla"
+"""What ``kernel="auto"`` runs unless ``$JADAM_KERNEL`` says otherwise. The
+XLA ops for now: the suite's parity tests hold jadam to optax within
+``rtol=1e-6, atol=0``, tighter than float32 rounding after cancellation, and
+GSPMD-sharded arrays cannot be told apart from local ones while tracing."""
+GROUP = int(os.environ.get("JADAM_KERNEL_GROUP", 64))
+"""Leaves per kernel call."""
+_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+def available() -> bool:
+  """Whether the kernel is built and registered (it is built on first use)."""
+  return _ffi.available()
+
+
+def update_and_finish(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunks, *,
+                      use_wd: bool, scale_lr: bool, apply: str | None, out_dtypes,
+                      for_mesh: bool = False):
+  """One step over ``chunks``, each result finished.
+
+  Args:
+    rule, hp, count, chunks, use_wd, scale_lr: as :func:`jadam._update.update_chunks`.
+    apply: as :func:`jadam._update.finish` (``None`` or ``"fused"``).
+    out_dtypes: per chunk, the dtype of its updates (without ``apply``).
+    for_mesh: the chunks are buffers packed to be split over a mesh (the
+      kernel would gather them: the XLA ops run).
+
+  Returns:
+    ``(new_count, [(result, new_moments) per chunk], finite)``: each result is
+    ``finish(update, chunk.param, out_dtype, apply)``.
+  """
+  hp, count_inc, scalars = _update.step_inputs(rule, hp, count)
+  static = _Static(rule, hp, chunks, use_wd, scale_lr, apply, tuple(out_dtypes))
+  dyn = (static.dynamic_hp(hp), scalars,
+         [(c.grad, tuple(c.moments), c.param) for c in chunks])
+  use = _use_kernel(rule, hp, chunks, apply, for_mesh)
+  fn = _fused_with_fallbacks(static) if use else static.xla
+  results, finite = fn(dyn)
+  return _update.next_count(count, count_inc, finite), results, finite
+
+
+def effective_rule(rule: _rule.Rule) -> _rule.Rule:
+  """``rule`` with ``kernel="auto"`` resolved to ``"xla"`` unless the
+  kernel is wanted (:data:`AUTO`, ``$JADAM_KERNEL``): called before a step is
+  traced, so the choice is part of the jit's cache key. A remaining ``"auto"``
+  means the kernel wherever it can run."""
+  if rule.kernel == "auto" and auto_mode() == "xla":
+    return dataclasses.replace(rule, kernel="xla")
+  return rule
+
+
+def auto_mode() -> str:
+  """What ``kernel="auto"`` means now: ``"xla"`` or ``"fused"``."""
+  mode = os.environ.get(ENV) or AUTO
+  if mode not in ("xla", "fused"):
+    raise ValueError(f"${ENV} must be 'xla' or 'fused', got {mode!r}")
+  return mode
+
+
+def _use_kernel(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply, for_mesh) -> bool:
+  mode = rule.kernel
+  if mode == "xla" or (mode == "auto" and auto_mode() == "xla") or not chunks:
+    return False
+  why = "a flat layout packed for a mesh" if for_mesh else unsupported(rule, hp, chunks, apply)
+  if why is None and not _ffi.available():
+    return False  # a notice was logged
+  if why is not None and mode == "fused":
+    raise ValueError(f"kernel='fused' cannot run this step: {why} (use kernel='auto', "
+                     "which runs such steps as XLA ops)")
+  return why is None
+
+
+def unsupported(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply) -> str | None:
+  """Why the kernel cannot run this step, or None if it can."""
+  if jax.default_backend() != "cpu":
+    return f"it runs on CPU only, not {jax.default_backend()}"
+  if rule.master:
+    return "master weights"
+  if rule.nu_frozen_at:
+    return "a frozen nu (1-bit Adam)"
+  if rule.trust_ratio and rule.skip_nonfinite:
+    return "LAMB with skip_nonfinite"
+  if apply not in (None, "fused"):
+    return f"apply={apply!r}"
+  for k, v in hp._asdict().items():
+    if v is not None and not isinstance(v, (int, float)) and jnp.result_type(v) != np.float32:
+      return f"hyperparameter {k} of dtype {jnp.result_type(v)} (float32 only)"
+  for c in chunks:
+    if not isinstance(c.segments, (type(_segments.WHOLE), _segments.BufferSegments)):
+      return f"chunks split by {type(c.segments).__name__}"
+
+    for x in (c.grad, c.param, *c.moments):
+      if x is None:
+        continue
+      if isinstance(x, _quant.QArray):
+        return "quantized moments"
+      if np.dtype(x.dtype) not in _DTYPES:
+        return f"dtype {x.dtype} (float32, bfloat16 and float16 only)"
+      if explicit_sharding(x) is not None:
+        return "arrays split over a mesh"
+  return None
+
+
+def _fused_with_fallbacks(static: "_Static"):
+  """The kernel call, with XLA's ops under ``vmap`` and in derivatives."""
+  batched = jax.custom_batching.custom_vmap(static.kernel)
+
+  @batched.def_vmap
+  def _vmap(axis_size, in_batched, dyn):
+    del axis_size
+    axes = jax.tree.map(lambda b: 0 if b else None, in_batched[0])
+    out = jax.vmap(static.xla, in_axes=(axes,))(dyn)
+    return out, jax.tree.map(lambda _: True, out)
+
+  fn = jax.custom_jvp(batched)
+  fn.defjvp(lambda primals, tangents: jax.jvp(static.xla, primals, tangents))
+  return fn
+
+
+class _Static:
+  """Everything of a step but its arrays: the two ways to run it."""
+
+  def __init__(self, rule, hp, chunks, use_wd, scale_lr, apply, out_dtypes):
+    self.rule, self.use_wd, self.scale_lr = rule, use_wd, scale_lr
+    self.apply, self.out_dtypes = apply, out_dtypes
+    self.hp_static = hp._replace(**{k: None for k in self.dynamic_hp(hp)})
+    self.segments = [(c.segments, c.decay) for c in chunks]
+
+  @staticmethod
+  def dynamic_hp(hp: _rule.Hyper) -> dict:
+    return {k: v for k, v in hp._asdict().items()
+            if v is not None and not isinstance(v, (int, float))}
+
+  def _unpack(self, dyn):
+    hp_dyn, scalars, arrays = dyn
+    hp = self.hp_static._replace(**hp_dyn)
+    chunks = [_update.Chunk(g, moments, p, seg, decay)
+              for (g, moments, p), (seg, decay) in zip(arrays, self.segments)]
+    return hp, scalars, chunks
+
+  def xla(self, dyn):
+    """The XLA ops: :func:`jadam._update.apply_chunks`, then finish."""
+    hp, scalars, chunks = self._unpack(dyn)
+    results, finite = _update.apply_chunks(self.rule, hp, scalars, chunks,
+                                           use_wd=self.use_wd, scale_lr=self.scale_lr)
+    return [(_update.finish(u, c.param, dtype, self.apply), m)
+            for (u, m), c, dtype in zip(results, chunks, self.out_dtypes)], finite
+
+  def kernel(self, dyn):
+    """The same step as one kernel call (two with LAMB's trust ratio)."""
+    hp, scalars, chunks = self._unpack(dyn)
+    empty = [int(np.prod(c.grad.shape)) == 0 for c in chunks]
+    if any(empty):  # no elements: nothing to compute, nothing to pass
+      keep = [c for c, e in zip(chunks, empty) if not e]
+      dtypes = [d for d, e in zip(self.out_dtypes, empty) if not e]
+      done, finite = self._kernel(hp, scalars, keep, dtypes) if keep else ([], None)
+      if finite is None and self.rule.skip_nonfinite and not keep:
+        finite = jnp.array(True)
+      done = iter(done)
+      return [(c.param if self.apply else jnp.zeros(c.grad.shape, d), c.moments) if e
+              else next(done) for c, d, e in zip(chunks, self.out_dtypes, empty)], finite
+    return self._kernel(hp, scalars, chunks, self.out_dtypes)
+
+  def _kernel(self, hp, scalars, chunks, out_dtypes):
+    """The kernel on groups of at most :data:`GROUP` chunks (XLA's compile
+    time grows with the square of one call's aliased operands)."""
+    if len(chunks) <= GROUP:
+      return self._call(hp, scalars, chunks, out_dtypes)
+    finite = None
+    if self.rule.skip_nonfinite:  # one flag for the whole step
+      finite = _update.all_finite([c.grad for c in chunks])
+    results = []
+    for i in range(0, len(chunks), GROUP):
+      results += self._call(hp, scalars, chunks[i:i + GROUP], out_dtypes[i:i + GROUP],
+                            finite)[0]
+    return results, finite
+
+  def _call(self, hp, scalars, chunks, out_dtypes, finite=None):
+    rule = self.rule
+    vector = _scalar_vector(hp, scalars, use_wd=self.use_wd, scale_lr=self.scale_lr,
+                            finite=finite)
+    ranges = [_decay_ranges(c, self.use_wd) for c in chunks]
+    has_param = (self.apply is not None or any(ranges)) and all(
+        c.param is not None for c in chunks)
+    leaves = [(c.grad, c.moments, c.param) for c in chunks]
+    common = dict(kind=rule.kind, nesterov=rule.nesterov, n_moments=len(rule.optax_names),
+                  has_param=has_param, scale_lr=self.scale_lr, wd_ranges=ranges,
+                  out_dtypes=out_dtypes)
+    if not rule.trust_ratio:
+      mode = "apply" if self.apply else "update"
+      skip = 0 if not rule.skip_nonfinite else (1 if finite is None else 2)
+      return _ffi.step(vector, leaves, mode=mode, skip=skip, **common)
+    # LAMB: the direction (weight decay included) and the moments; the
+    # per-parameter norms as XLA reductions (the XLA path's own, so the ratio
+    # is bit-identical); then -lr * ratio * direction, as the update or applied.
+    pairs, _ = _ffi.step(vector, leaves, mode="direction", skip=0, **common)
+    ratios, seg_ends = [], []
+    for (d, _), c in zip(pairs, chunks):
+      p_norm, u_norm = c.segments.norms((c.param.astype(d.dtype), d))
+      ratios.append(jnp.ravel(_rule.trust_ratio(p_norm, u_norm)))
+      seg_ends.append(_segment_ends(c))
+    outs = _ffi.scale(vector, jnp.concatenate(ratios),
+                      [(d, c.param) for (d, _), c in zip(pairs, chunks)],
+                      apply=self.apply is not None, scale_lr=self.scale_lr,
+                      seg_ends=seg_ends, out_dtypes=out_dtypes)
+    return [(o, m) for o, (_, m) in zip(outs, pairs)], None
+
+
+def _scalar_vector(hp: _rule.Hyper, sc: _rule.StepScalars, *, use_wd: bool,
+                   scale_lr: bool, finite=None) -> jax.Array:
+  """The kernel's float32 scalars (:data:`_ffi.SCALARS`), computed as the XLA
+  path computes them: ``1 - b1`` in double for a Python float (as optax folds
+  it), in float32 for an array; a missing correction is a division by 1."""
+  one = lambda x: 1.0 if x is None else x  # pylint: disable=unnecessary-lambda-assignment
+  values = dict(
+      c1=1 - hp.b1, b1=hp.b1, c2=1 - hp.b2, b2=hp.b2, eps=hp.eps, eps_root=hp.eps_root,
+      bc_mu=one(sc.bc_mu), bc_mu_next=one(sc.bc_mu_next), bc_nu=one(sc.bc_nu),
+      radam_r=one(sc.radam_r),
+      radam_on=0.0 if sc.radam_on is None else jnp.where(sc.radam_on, 1.0, 0.0),
+      grad_scale=one(hp.grad_scale), wd=hp.weight_decay if use_wd else 0.0,
+      neg_lr=-hp.learning_rate if scale_lr else 1.0,
+      finite_in=1.0 if finite is None else jnp.where(finite, 1.0, 0.0))
+  return jnp.stack([jnp.asarray(values[k], jnp.float32) for k in _ffi.SCALARS])
+
+
+def _decay_ranges(chunk, use_wd: bool) -> list[tuple[int, int]]:
+  """The element ranges of ``chunk`` where weight decay applies."""
+  n = int(np.prod(chunk.grad.shape))
+  if not use_wd or not n:
+    return []
+  if chunk.segments is _segments.WHOLE:
+    return [(0, n)] if chunk.decay[0] else []
+  flags = tuple(chunk.decay)
+  if all(flags):  # the padding is zero: decaying it changes nothing
+    return [(0, n)]
+  ranges, at = [], 0
+  for size, flag in zip(chunk.segments.sizes, flags + (False,)):
+    if flag and size:
+      if ranges and ranges[-1][1] == at:
+        ranges[-1] = (ranges[-1][0], at + size)
+      else:
+        ranges.append((at, at + size))
+    at += size
+  return ranges
+
+
+def _segment_ends(chunk) -> list[int]:
+  """End offsets of the segments over which ``chunk.segments.norms`` sums
+  (one ratio each, in order)."""
+  n = int(np.prod(chunk.grad.shape))
+  seg = chunk.segments
+  if seg is _segments.WHOLE or len(seg.buffer.leaves) == 1:
+    return [n]
+  return [int(e) for e in np.cumsum([s for s in seg.sizes if s])]

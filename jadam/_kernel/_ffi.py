@@ -1,0 +1,205 @@
+"""Builds, caches and registers the fused Adam kernel, and calls it.
+
+The kernel (``adam_kernel.cc``, beside this file) is compiled on first use with
+the system C++ compiler against the XLA FFI headers that ship with jaxlib, and
+cached under ``$JADAM_CACHE_DIR`` (default ``~/.cache/jadam``) in a directory
+named by a hash of the source, the flags, jaxlib's version, the compiler's
+version and the machine, so an upgrade of any of them builds anew. A file lock
+keeps two processes from building the same library at once. Where no compiler,
+no FFI or no build works, :func:`available` is False and jadam runs its XLA
+path: one notice is logged, nothing raises.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_LOG = logging.getLogger("jadam")
+
+SOURCE = os.path.join(os.path.dirname(__file__), "adam_kernel.cc")
+FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
+         "-fPIC", "-shared", "-fvisibility=hidden", "-w")
+"""No -ffast-math and no contraction: every float32 operation of the rule,
+rounded, in order. Built for the host CPU (-march=native: its features are in
+the cache key), as XLA:CPU builds its own code."""
+
+STEP_TARGET = "jadam_adam_step"
+SCALE_TARGET = "jadam_adam_scale"
+
+SCALARS = ("c1", "b1", "c2", "b2", "eps", "eps_root", "bc_mu", "bc_mu_next", "bc_nu",
+           "radam_r", "radam_on", "grad_scale", "wd", "neg_lr", "finite_in")
+"""The float32 scalars every call takes, in the order of the kernel's ``Scalar`` enum."""
+
+KINDS = {"adam": 0, "amsgrad": 1, "adamax": 2, "radam": 3}
+MODES = {"update": 0, "apply": 1, "direction": 2}
+
+
+def cache_dir() -> str:
+  root = os.environ.get("JADAM_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+      "jadam")
+  return root
+
+
+def _compiler() -> tuple[str, str] | None:
+  """``(path, version line)`` of the C++ compiler: ``$CXX``, else c++ or g++ or clang++."""
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    path = shutil.which(name) if name else None
+    if path:
+      try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+      except (OSError, subprocess.SubprocessError):
+        continue
+      return path, (out.splitlines() or [""])[0]
+  return None
+
+
+def _cpu_features() -> bytes:
+  """The host CPU's model and feature flags (a library built with
+  -march=native runs only where they match)."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      lines = [l for l in f if l.startswith(("model name", "flags", "Features"))]
+    return "".join(sorted(set(lines))).encode()
+  except OSError:
+    return platform.processor().encode()
+
+
+def _build(include: str) -> str:
+  """Path of the built library, compiling it if this configuration has none yet."""
+  found = _compiler()
+  if found is None:
+    raise RuntimeError("no C++ compiler found (set $CXX)")
+  cxx, version = found
+  with open(SOURCE, "rb") as f:
+    source = f.read()
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  key = hashlib.sha256(b"\0".join([
+      source, " ".join(FLAGS).encode(), jaxlib.__version__.encode(), version.encode(),
+      platform.machine().encode(), platform.system().encode(), _cpu_features()])).hexdigest()[:16]
+  root = cache_dir()
+  lib = os.path.join(root, f"kernel-{key}", "libjadam_adam.so")
+  if os.path.exists(lib):
+    return lib
+  os.makedirs(os.path.dirname(lib), exist_ok=True)
+  import fcntl  # pylint: disable=import-outside-toplevel  (POSIX only: elsewhere, no kernel)
+  with open(os.path.join(root, f"kernel-{key}.lock"), "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it
+    if not os.path.exists(lib):
+      fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(lib))
+      os.close(fd)
+      try:
+        proc = subprocess.run([cxx, *FLAGS, "-I", include, SOURCE, "-o", tmp],
+                              capture_output=True, text=True, timeout=600, check=False)
+        if proc.returncode:
+          raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-400:]}")
+        os.replace(tmp, lib)  # atomic: a reader never sees half a library
+      finally:
+        if os.path.exists(tmp):
+          os.remove(tmp)
+  return lib
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel is built and registered with XLA:CPU (once per process)."""
+  try:
+    include = jax.ffi.include_dir()
+    lib = ctypes.cdll.LoadLibrary(_build(include))
+    jax.ffi.register_ffi_target(STEP_TARGET, jax.ffi.pycapsule(lib.JadamAdamStep),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(SCALE_TARGET, jax.ffi.pycapsule(lib.JadamScaleStep),
+                                platform="cpu")
+  except Exception as e:  # pylint: disable=broad-except  (any failure: the XLA path)
+    _LOG.warning("fused Adam kernel unavailable, using the XLA path (%s)",
+                 str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return False
+  return True
+
+
+def _i64(values) -> np.ndarray:
+  # An FFI array attribute must not be empty.
+  return np.asarray(list(values) or [0], np.int64)
+
+
+def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_param: bool,
+         mode: str, scale_lr: bool, skip: int, wd_ranges, out_dtypes):
+  """One call of the step kernel.
+
+  Args:
+    scalars: float32 ``(len(SCALARS),)``.
+    leaves: per leaf ``(g, moments, p)`` (``p`` only with ``has_param``).
+    kind, nesterov, n_moments: the rule.
+    has_param: whether each leaf passes ``p``.
+    mode: ``"update"`` (the update, in ``out_dtypes``), ``"apply"`` (``p +
+      u``, in place of ``p``) or ``"direction"`` (float32, weight decay
+      included: LAMB's first pass).
+    scale_lr: multiply by ``-learning_rate``.
+    skip: 0, 1 (skip the step if a gradient is not finite) or 2 (skip it if
+      ``scalars``' ``finite_in`` is 0).
+    wd_ranges: per leaf, the ``(start, end)`` element ranges that decay.
+    out_dtypes: per leaf, the dtype of its result (``"update"`` mode).
+
+  Returns:
+    ``([(out, moments)] per leaf, finite or None)``.
+  """
+  args, outs, aliases = [scalars], [], {}
+  for (g, moments, p), dtype in zip(leaves, out_dtypes):
+    at_in, at_out = len(args), len(outs)
+    args += [g, *moments] + ([p] if has_param else [])
+    out_dtype = {"apply": p.dtype if p is not None else None,
+                 "direction": jnp.float32}.get(mode, dtype)
+    outs.append(jax.ShapeDtypeStruct(g.shape, out_dtype))
+    outs += [jax.ShapeDtypeStruct(m.shape, m.dtype) for m in moments]
+    for k in range(n_moments):  # the moments are updated in place
+      aliases[at_in + 1 + k] = at_out + 1 + k
+    if mode == "apply":  # and so are the params
+      aliases[at_in + 1 + n_moments] = at_out
+  if skip:
+    outs.append(jax.ShapeDtypeStruct((), jnp.bool_))
+  offsets, flat = [0], []
+  for ranges in wd_ranges:
+    flat += [x for r in ranges for x in r]
+    offsets.append(offsets[-1] + len(ranges))
+  res = jax.ffi.ffi_call(STEP_TARGET, outs, input_output_aliases=aliases,
+                         vmap_method="sequential")(
+      *args, kind=np.int64(KINDS[kind]), nesterov=bool(nesterov),
+      n_moments=np.int64(n_moments), has_param=bool(has_param), mode=np.int64(MODES[mode]),
+      scale_lr=bool(scale_lr), skip=np.int64(skip), wd_offsets=_i64(offsets),
+      wd_ranges=_i64(flat))
+  per = 1 + n_moments
+  pairs = [(res[i * per], tuple(res[i * per + 1:(i + 1) * per])) for i in range(len(leaves))]
+  return pairs, (res[-1] if skip else None)
+
+
+def scale(scalars, ratios, leaves, *, apply: bool, scale_lr: bool, seg_ends, out_dtypes):
+  """LAMB's second pass: ``-lr * (d * ratio)`` per segment, as updates (in
+  ``out_dtypes``) or applied to ``p`` in place. ``leaves``: per leaf ``(d, p)``;
+  ``seg_ends``: per leaf, its segments' end offsets; ``ratios``: one per
+  segment, all leaves' in order."""
+  args, outs, aliases, offsets, ends = [scalars, ratios], [], {}, [0], []
+  for (d, p), dtype, leaf_ends in zip(leaves, out_dtypes, seg_ends):
+    args.append(d)
+    if apply:
+      aliases[len(args)] = len(outs)
+      args.append(p)
+    outs.append(jax.ShapeDtypeStruct(d.shape, p.dtype if apply else dtype))
+    ends += list(leaf_ends)
+    offsets.append(len(ends))
+  return jax.ffi.ffi_call(SCALE_TARGET, outs, input_output_aliases=aliases,
+                          vmap_method="sequential")(
+      *args, apply=bool(apply), scale_lr=bool(scale_lr), seg_offsets=_i64(offsets),
+      seg_ends=_i64(ends))
