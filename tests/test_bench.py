@@ -24,7 +24,10 @@ KEYS = {"case", "impl", "median_ms", "speedup_vs_optax", "compile_s", "gb_per_s"
         "max_rel_diff_vs_optax", "diff_steps", "bytes_per_param", "state_bytes",
         "state_bytes_per_param", "xla_bytes_per_param"}
 JAX_IMPLS = ["optax", "jadam_tree", "jadam_flat_tree_io", "jadam_flat"]  # float32 moments
-FLAT_IMPLS = ["jadam_flat_tree_io", "jadam_flat"]
+# The fused kernel's rows (optimizer cases, where the kernel builds here).
+FUSED_IMPLS = (["jadam_tree_fused", "jadam_step_fused", "jadam_flat_fused"]
+               if jadam._kernel.available() else [])
+FLAT_IMPLS = ["jadam_flat_tree_io", "jadam_flat", "jadam_flat_fused"]
 Q8_IMPLS = ["jadam_tree_q8", "jadam_flat_q8"]
 
 
@@ -46,8 +49,11 @@ def test_quick_json_records(quick_run):
   torch = _runners.torch_available()
   for case in _bench.CASES:
     got = [r["impl"] for r in records if r["case"] == case]
-    want = JAX_IMPLS + Q8_IMPLS + ([] if case == "e" else
-                        (["torch_fused", "torch_foreach"] if torch else []) + ["optax_sgd"])
+    jax_impls = JAX_IMPLS if case == "e" else [
+        i for i in _bench.IMPLS if i in JAX_IMPLS + FUSED_IMPLS]
+    want = jax_impls + Q8_IMPLS + ([] if case == "e" else
+                                   (["torch_fused", "torch_foreach"] if torch else [])
+                                   + ["optax_sgd"])
     assert got == want, case
   for r in records:
     assert KEYS <= set(r), r
@@ -116,6 +122,10 @@ def test_quick_diff_vs_optax(quick_run):
         assert _diff(r) == (None, None) and r["diff_steps"] is None
       elif r["impl"] in ("optax", "jadam_tree"):
         assert _diff(r) == (0.0, 0.0), r
+      elif r["impl"] in FUSED_IMPLS:
+        # The fused kernel: optax's float32 operations without XLA's FMA
+        # contractions, so each update is within a few ulps of optax's.
+        assert r["max_abs_diff_vs_optax"] <= r["diff_steps"] * _runners.LEARNING_RATE * 1e-5, r
       elif r["impl"].startswith("torch"):
         # torch computes the bias corrections in float64, optax ``1 - b2**t``
         # in float32, which loses up to ~1e-4 of it for t <= 10 (0.999**t is

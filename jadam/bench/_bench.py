@@ -71,6 +71,7 @@ from ._runners import build_optimizer_runners
 from ._runners import build_train_runners
 from ._runners import make_cases
 from ._runners import torch_available
+from .. import _kernel
 
 IMPLS = (
     "optax",
@@ -234,6 +235,10 @@ def run(
     if dropped:
       log(f"note: torch is not installed; skipping {', '.join(dropped)}")
     impls = [i for i in impls if not i.startswith("torch")]
+  fused = [i for i in impls if i.endswith("_fused") and not i.startswith("torch")]
+  if fused and not _kernel.available():
+    log(f"note: jadam's fused kernel is not available here; skipping {', '.join(fused)}")
+    impls = [i for i in impls if i not in fused]
   copy_elems = (1 << 20) if quick else (1 << 28 if device == "gpu" else 1 << 26)
 
   try:

@@ -31,7 +31,7 @@ from ._onebit import OneBitState as OneBitState
 from ._comm import CommReport as CommReport
 from ._comm import comm_bytes as comm_bytes
 from ._comm import comm_report as comm_report
-from ._runtime import WORKER_LOST_EXIT_CODE as WORKER_LOST_EXIT_CODE
+from ._watchdog import WORKER_LOST_EXIT_CODE as WORKER_LOST_EXIT_CODE
 from ._runtime import WorkerLostError as WorkerLostError
 from ._runtime import initialize as initialize
 from ._runtime import shutdown as shutdown

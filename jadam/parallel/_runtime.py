@@ -42,7 +42,6 @@ from __future__ import annotations
 import atexit
 import inspect
 import math
-import os
 import sys
 import threading
 import warnings
@@ -51,10 +50,10 @@ import jax
 
 from ._watchdog import _KEY_PREFIX
 from ._watchdog import RUNTIME_ERRORS
-from ._watchdog import WORKER_LOST_EXIT_CODE
 from ._watchdog import WorkerLostError
 from ._watchdog import _Run
 from ._watchdog import _say
+from ._watchdog import exit_lost
 
 
 _run: _Run | None = None
@@ -288,13 +287,7 @@ def _at_exit() -> None:
   if run is None:
     return
   if run.error is not None:
-    # JAX's exit handler would contact the lost peers: hang or abort.
-    for stream in (sys.stdout, sys.stderr):
-      try:
-        stream.flush()
-      except Exception:  # pylint: disable=broad-except
-        pass
-    os._exit(WORKER_LOST_EXIT_CODE)
+    exit_lost()
   last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
   if last is not None:
     # Dying of an uncaught exception: leave at once; the others see this

@@ -80,6 +80,18 @@ def _reachable(address: str, timeout: float = 1.0) -> bool:
     return False
 
 
+def exit_lost() -> None:
+  """Flushes stdout and stderr and ends the process with
+  :data:`WORKER_LOST_EXIT_CODE` at once (JAX's exit handlers would contact
+  the lost peers: hang or abort)."""
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:  # pylint: disable=broad-except
+      pass
+  os._exit(WORKER_LOST_EXIT_CODE)
+
+
 class _Run:
   """One fail-fast run: the client, the watchdog and the handlers."""
 
@@ -241,12 +253,7 @@ class _Run:
          f"jadam.parallel: ending this process with exit code "
          f"{WORKER_LOST_EXIT_CODE} (the distributed runtime is unusable "
          f"after a lost process).\n")
-    for stream in (sys.stdout, sys.stderr):
-      try:
-        stream.flush()
-      except Exception:  # pylint: disable=broad-except
-        pass
-    os._exit(WORKER_LOST_EXIT_CODE)
+    exit_lost()
 
   # --- handlers --------------------------------------------------------------
 
