@@ -28,10 +28,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import re
 import sys
 import time
+
+from _cli import add_checkpoint_args
+from _cli import check_run_args
+from _cli import check_strategy_and_devices
+from _cli import non_negative_float
+from _cli import non_negative_int
+from _cli import positive_float
+from _cli import positive_int
+from _cli import resume
+from _cli import use_fake_devices
 
 # Moment formats: float dtypes, or jadam's quantized moments ("q8": 8-bit
 # block-wise, "q4": 4-bit), passed to the optimizer as they are.
@@ -41,28 +49,6 @@ QUANTIZED = ("q8", "q4")
 TRAIN_IMAGES = 1437
 
 
-def checked(kind, expected: str, ok):
-  """An argparse ``type=``: ``kind(text)`` when ``ok`` of it, else an error
-  that names the flag and what it expects."""
-
-  def parse(text: str):
-    try:
-      value = kind(text)
-    except ValueError:
-      value = None
-    if value is None or not ok(value):
-      raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
-
-  return parse
-
-
-positive_int = checked(int, "a positive integer", lambda n: n >= 1)
-non_negative_int = checked(int, "a non-negative integer", lambda n: n >= 0)
-positive_float = checked(float, "a positive number",
-                         lambda x: math.isfinite(x) and x > 0)
-non_negative_float = checked(float, "a non-negative number",
-                             lambda x: math.isfinite(x) and x >= 0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,12 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="run on this many fake CPU devices")
   parser.add_argument("--plot", default=None, metavar="PNG",
                       help="save the loss and test-accuracy curves here")
-  parser.add_argument("--checkpoint-dir", default=None, metavar="DIR",
-                      help="save checkpoints here, and resume from the newest "
-                      "one found there")
-  parser.add_argument("--save-every", type=positive_int, default=None,
-                      metavar="N", help="with --checkpoint-dir: save every N "
-                      "steps and after the last one (default: 100)")
+  add_checkpoint_args(parser)
   args = parser.parse_args(argv)
   if args.loss_scale not in (None, "dynamic"):
     text = args.loss_scale
@@ -129,14 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.batch_size > TRAIN_IMAGES:
     parser.error(f"argument --batch-size: expected at most the "
                  f"{TRAIN_IMAGES} training images, got {args.batch_size}")
-  if args.fake_devices and args.batch_size % args.fake_devices:
-    parser.error(f"--batch-size {args.batch_size} must be a multiple of "
-                 f"--fake-devices {args.fake_devices} (every device takes an "
-                 "equal share of the batch)")
-  if args.save_every is not None and args.checkpoint_dir is None:
-    parser.error("--save-every needs --checkpoint-dir")
-  if args.checkpoint_dir is not None and args.save_every is None:
-    args.save_every = 100
+  check_run_args(parser, args)
   if args.loss_scale == "dynamic" and args.optimizer == "optax":
     parser.error("--loss-scale dynamic skips overflowing steps with jadam's "
                  "skip_nonfinite (use --optimizer jadam)")
@@ -154,13 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   start = time.perf_counter()
   args = parse_args(argv)
-  if args.fake_devices:
-    # Before JAX starts: XLA reads this flag once, when the CPU backend starts.
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = (
-        f"{flags} --xla_force_host_platform_device_count={args.fake_devices}")
-    os.environ["JAX_PLATFORMS"] = "cpu"
+  use_fake_devices(args.fake_devices)
 
   import jax
   import jax.numpy as jnp
@@ -172,17 +140,9 @@ def main(argv=None) -> int:
   from sklearn.model_selection import train_test_split
 
   import jadam
-  import jadam.checkpoint
   import jadam.parallel
 
-  if args.strategy not in jadam.parallel.available_strategies():
-    sys.exit(f"--strategy {args.strategy!r}: this jadam has "
-             f"{', '.join(jadam.parallel.available_strategies())}")
-  n_devices = jax.local_device_count()
-  if args.batch_size % n_devices:
-    sys.exit(f"--batch-size {args.batch_size} must be a multiple of the "
-             f"{n_devices} local devices (every device takes an equal share "
-             "of the batch)")
+  n_devices = check_strategy_and_devices(args)
 
   # Data: standardize with the training set's statistics.
   x, y = load_digits(return_X_y=True)
@@ -257,23 +217,8 @@ def main(argv=None) -> int:
   # Resuming: the newest checkpoint's params, optimizer state (the
   # strategy's own state, the loss scale and the step count inside it) and
   # step; the data stream skips the batches of the steps done.
-  first_step, ckpt, save_options = 0, None, {}
-  if args.checkpoint_dir is not None:
-    ckpt = jadam.checkpoint.Checkpointer(args.checkpoint_dir, max_to_keep=3)
-    if ckpt.latest_step() is not None:
-      try:  # the newest intact checkpoint (damaged ones are skipped)
-        first_step, params, opt_state = ckpt.restore(trainer)
-      except ValueError as e:
-        sys.exit(f"--checkpoint-dir {args.checkpoint_dir}: cannot resume "
-                 f"this run from it: {e}")
-      if ckpt.latest_step() != first_step:
-        # Newer checkpoints were damaged: this run saves over them.
-        save_options["overwrite"] = True
-      if first_step > args.steps:
-        sys.exit(f"--checkpoint-dir {args.checkpoint_dir} holds step "
-                 f"{first_step}, past --steps {args.steps}")
-      for _ in range(first_step):
-        next_batch()
+  first_step, ckpt, save_options, params, opt_state = resume(
+      args, trainer, params, opt_state, next_batch)
 
   # Quantized moments are jadam.QArray leaves of the state (codes and
   # scales); leaves under 4096 elements keep float32 moments.

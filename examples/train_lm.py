@@ -31,11 +31,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import pathlib
-import re
 import sys
 import time
+
+from _cli import add_checkpoint_args
+from _cli import check_run_args
+from _cli import check_strategy_and_devices
+from _cli import checked
+from _cli import non_negative_float
+from _cli import non_negative_int
+from _cli import positive_float
+from _cli import positive_int
+from _cli import resume
+from _cli import use_fake_devices
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "coriolanus.txt"
 # Moment formats: float dtypes, or jadam's quantized moments ("q8": 8-bit
@@ -43,28 +52,6 @@ DATA = pathlib.Path(__file__).resolve().parent / "data" / "coriolanus.txt"
 DTYPES = ("float32", "bfloat16", "float16", "q8", "q4")
 
 
-def checked(kind, expected: str, ok):
-  """An argparse ``type=``: ``kind(text)`` when ``ok`` of it, else an error
-  that names the flag and what it expects."""
-
-  def parse(text: str):
-    try:
-      value = kind(text)
-    except ValueError:
-      value = None
-    if value is None or not ok(value):
-      raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
-
-  return parse
-
-
-positive_int = checked(int, "a positive integer", lambda n: n >= 1)
-non_negative_int = checked(int, "a non-negative integer", lambda n: n >= 0)
-positive_float = checked(float, "a positive number",
-                         lambda x: math.isfinite(x) and x > 0)
-non_negative_float = checked(float, "a non-negative number",
-                             lambda x: math.isfinite(x) and x >= 0)
 momentum = checked(float, "a number in [0, 1)", lambda x: 0 <= x < 1)
 
 
@@ -127,36 +114,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="seeds the params, the batches and the sample")
   parser.add_argument("--fake-devices", type=positive_int, default=None,
                       help="run on this many fake CPU devices")
-  parser.add_argument("--checkpoint-dir", default=None, metavar="DIR",
-                      help="save checkpoints here, and resume from the newest "
-                      "one found there")
-  parser.add_argument("--save-every", type=positive_int, default=None,
-                      metavar="N", help="with --checkpoint-dir: save every N "
-                      "steps and after the last one (default: 100)")
+  add_checkpoint_args(parser)
   args = parser.parse_args(argv)
   if args.d_model % args.heads:
     parser.error(f"--heads {args.heads} must divide --d-model {args.d_model}")
-  if args.fake_devices and args.batch_size % args.fake_devices:
-    parser.error(f"--batch-size {args.batch_size} must be a multiple of "
-                 f"--fake-devices {args.fake_devices} (every device takes an "
-                 "equal share of the batch)")
-  if args.save_every is not None and args.checkpoint_dir is None:
-    parser.error("--save-every needs --checkpoint-dir")
-  if args.checkpoint_dir is not None and args.save_every is None:
-    args.save_every = 100
+  check_run_args(parser, args)
   return args
 
 
 def main(argv=None) -> int:
   start = time.perf_counter()
   args = parse_args(argv)
-  if args.fake_devices:
-    # Before JAX starts: XLA reads this flag once, when the CPU backend starts.
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = (
-        f"{flags} --xla_force_host_platform_device_count={args.fake_devices}")
-    os.environ["JAX_PLATFORMS"] = "cpu"
+  use_fake_devices(args.fake_devices)
 
   import jax
   import jax.numpy as jnp
@@ -166,17 +135,9 @@ def main(argv=None) -> int:
   from flax import linen as nn
 
   import jadam
-  import jadam.checkpoint
   import jadam.parallel
 
-  if args.strategy not in jadam.parallel.available_strategies():
-    sys.exit(f"--strategy {args.strategy!r}: this jadam has "
-             f"{', '.join(jadam.parallel.available_strategies())}")
-  n_devices = jax.local_device_count()
-  if args.batch_size % n_devices:
-    sys.exit(f"--batch-size {args.batch_size} must be a multiple of the "
-             f"{n_devices} local devices (every device takes an equal share "
-             "of the batch)")
+  n_devices = check_strategy_and_devices(args)
 
   # Data: characters as integer ids; the last 10% of the text validates.
   text = DATA.read_text(encoding="utf-8")
@@ -288,23 +249,8 @@ def main(argv=None) -> int:
   # Resuming: the newest checkpoint's params, optimizer state (the
   # strategy's own state and the step count inside it) and step; the data
   # stream skips the batches of the steps done.
-  first_step, ckpt, save_options = 0, None, {}
-  if args.checkpoint_dir is not None:
-    ckpt = jadam.checkpoint.Checkpointer(args.checkpoint_dir, max_to_keep=3)
-    if ckpt.latest_step() is not None:
-      try:  # the newest intact checkpoint (damaged ones are skipped)
-        first_step, params, opt_state = ckpt.restore(trainer)
-      except ValueError as e:
-        sys.exit(f"--checkpoint-dir {args.checkpoint_dir}: cannot resume "
-                 f"this run from it: {e}")
-      if ckpt.latest_step() != first_step:
-        # Newer checkpoints were damaged: this run saves over them.
-        save_options["overwrite"] = True
-      if first_step > args.steps:
-        sys.exit(f"--checkpoint-dir {args.checkpoint_dir} holds step "
-                 f"{first_step}, past --steps {args.steps}")
-      for _ in range(first_step):
-        next_batch()
+  first_step, ckpt, save_options, params, opt_state = resume(
+      args, trainer, params, opt_state, next_batch)
 
   # What the optimizer state holds on one device: its bytes (codes and
   # scales for quantized moments) and how many moments are jadam.QArrays

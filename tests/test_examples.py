@@ -64,7 +64,9 @@ def run_examples(name: str, *arg_lists) -> list[subprocess.CompletedProcess]:
 
 def load_example(name: str):
   """An example as a module (its top level imports only the standard
-  library: JAX starts in ``main``)."""
+  library and the examples' own ``_cli``: JAX starts in ``main``)."""
+  if str(EXAMPLES) not in sys.path:  # as when run as a script
+    sys.path.insert(0, str(EXAMPLES))
   spec = importlib.util.spec_from_file_location(name.removesuffix(".py"),
                                                 EXAMPLES / name)
   module = importlib.util.module_from_spec(spec)
