@@ -7,7 +7,6 @@ where optax lacks them, ``layout``, ``skip_nonfinite``), and returns an
 ``TrainState`` and ``nnx.Optimizer``.
 """
 
-import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -15,23 +14,13 @@ import optax
 
 from . import _core
 from . import _rule
-from . import _transformation
-from . import _validate as V
+from ._transformation import build as _build
 
 # optax's own annotation objects (evaluated, not strings): code that inspects
 # annotations treats jadam's factories as optax's.
 ScalarOrSchedule = optax.ScalarOrSchedule
 MaskOrFn = optax.MaskOrFn
 Numeric = jax.typing.ArrayLike
-
-
-def _build(spec: _core.OptimizerSpec, layout: str, skip_nonfinite: bool,
-           master_weights: Optional[str], kernel: str) -> optax.GradientTransformationExtraArgs:
-  """The transformation of ``spec``, its rule run as ``kernel`` says (see
-  :mod:`jadam._kernel`)."""
-  V.check_choice(spec.name, "kernel", kernel, _rule.KERNELS)
-  spec = spec._replace(rule=dataclasses.replace(spec.rule, kernel=kernel))
-  return _transformation.build(spec, layout, skip_nonfinite, master_weights)
 
 
 def scale_by_adam(

@@ -22,6 +22,7 @@ from . import _flat
 from . import _master
 from . import _optax_state
 from . import _quant
+from . import _rule
 from . import _validate as V
 from ._packed import Packed
 
@@ -107,9 +108,11 @@ def _transformation(spec: _core.OptimizerSpec, layout: str) -> optax.GradientTra
 
 
 def build(spec: _core.OptimizerSpec, layout: str, skip_nonfinite: bool = False,
-          master_weights: str | None = None) -> optax.GradientTransformationExtraArgs:
+          master_weights: str | None = None,
+          kernel: str = "auto") -> optax.GradientTransformationExtraArgs:
   spec.validate()
   V.check_choice(spec.name, "layout", layout, LAYOUTS)
+  V.check_choice(spec.name, "kernel", kernel, _rule.KERNELS)
   skip_nonfinite = V.check_bool(spec.name, "skip_nonfinite", skip_nonfinite)
   _master.check_format(spec.name, "master_weights", master_weights)
   if master_weights is not None and spec.learning_rate is None:
@@ -119,7 +122,7 @@ def build(spec: _core.OptimizerSpec, layout: str, skip_nonfinite: bool = False,
         "another jadam optimizer with a learning rate, as the chain's last part)")
   spec = spec._replace(
       rule=dataclasses.replace(spec.rule, skip_nonfinite=skip_nonfinite,
-                               master=master_weights),
+                               master=master_weights, kernel=kernel),
       mu_dtype=_quant.resolve(spec.name, "mu_dtype", spec.mu_dtype),
       nu_dtype=_quant.resolve(spec.name, "nu_dtype", spec.nu_dtype),
   )

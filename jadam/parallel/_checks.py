@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _validate as V
+
 PyTree = Any
 
 
@@ -92,9 +94,8 @@ def mismatch(name: str, given: PyTree, expected: PyTree) -> str | None:
     return (f"`{name}` does not have the structure this trainer's `init` "
             f"returned{detail or f': expected {want_def}, got {given_def}'}")
   for (path, x), (_, w) in zip(given_leaves, want_leaves):
-    shape, dtype = tuple(np.shape(x)), getattr(x, "dtype", None)
-    dtype = np.asarray(x).dtype if dtype is None else dtype
-    if shape != tuple(w.shape) or np.dtype(dtype) != np.dtype(w.dtype):
+    shape, dtype = tuple(np.shape(x)), V.dtype_of(x)
+    if shape != tuple(w.shape) or dtype != np.dtype(w.dtype):
       return (f"`{name}{_where(path)}` has shape {shape} and dtype "
               f"{np.dtype(dtype).name}; this trainer's layout expects "
               f"{tuple(w.shape)} {np.dtype(w.dtype).name}")
