@@ -300,7 +300,10 @@ def step(
   Same arguments as :func:`jadam.update`; ``params`` is required. The new
   params are rounded once to their dtype (``p + u`` is computed in float32);
   with ``skip_nonfinite`` a step on a gradient with a NaN or inf returns the
-  params and state as they were.
+  params and state as they were. On CPU ``kernel="auto"`` runs it as the
+  fused kernel (params and moments in place, one pass): optax's result to
+  float32 rounding, not its bits (``kernel="xla"`` gives those); see
+  :mod:`jadam._kernel`.
 
   To donate, jit a train step whose donated arguments come in the order of
   the outputs, ``(params, state)`` (as below and in the README); donating

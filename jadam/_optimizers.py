@@ -126,8 +126,10 @@ def adam(
       ``"fused"`` (a fused C++ kernel, one pass over all leaves, moments and
       params in place with ``jadam.step``; agrees with XLA's ops to float32
       rounding; a ``ValueError`` says why where it cannot run) or ``"auto"``
-      (default: XLA's ops for now; ``JADAM_KERNEL=fused`` in the environment
-      makes it the kernel wherever the kernel can run). Without a C++
+      (default: the kernel for in-place steps, ``jadam.step``, and XLA's ops
+      for the updates this transformation returns, which stay optax's bits;
+      ``JADAM_KERNEL=fused`` makes it the kernel wherever the kernel can run,
+      ``JADAM_KERNEL=xla`` never). Without a C++
       compiler every mode runs XLA's ops (one logged notice). See
       :mod:`jadam._kernel`.
 

@@ -31,6 +31,9 @@ from . import _master
 
 KINDS = ("adam", "amsgrad", "adamax", "radam")
 KERNELS = ("auto", "xla", "fused")
+AUTO_ANYWHERE = "auto_anywhere"
+"""``"auto"`` resolved under ``JADAM_KERNEL=fused``: the kernel wherever it can
+run (internal; :func:`jadam._kernel.effective_rule`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +72,7 @@ class Rule:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"Rule(kind=...) must be one of {KINDS}, got {self.kind!r}")
-    if self.kernel not in KERNELS:
+    if self.kernel not in KERNELS + (AUTO_ANYWHERE,):
       raise ValueError(f"Rule(kernel=...) must be one of {KERNELS}, got {self.kernel!r}")
     _master.check_format("Rule", "master", self.master)
     if not isinstance(self.nu_frozen_at, int) or self.nu_frozen_at < 0:

@@ -307,8 +307,8 @@ def test_quick_flat_rows_bit_identical_to_optax(quick_run):
 
 @pytest.mark.parametrize("case", ["a", "b", "c", "d"])
 def test_flat_step_is_optax_on_the_same_buffers(case):
-  """The bench's ``jadam_flat`` step (``jadam.step`` on packed params,
-  gradients and state) against ``optax.adam`` + ``apply_updates`` on the same
+  """The bench's ``jadam_flat`` step (``jadam.step(kernel="xla")`` on packed
+  params, gradients and state) against ``optax.adam`` + ``apply_updates`` on the same
   packed buffers, as a pytree: bit for bit, params and moments, over the
   bench's quick number of steps."""
   shapes = _runners.make_cases(True, "cpu")[case].shapes
@@ -318,7 +318,7 @@ def test_flat_step_is_optax_on_the_same_buffers(case):
   layout = jadam.FlatLayout.from_tree(params)
   packed, packed_grads = layout.pack(params), layout.pack(grads)
 
-  flat = jax.jit(_runners._flat_step())  # pylint: disable=protected-access
+  flat = jax.jit(_runners._flat_step("xla"))  # pylint: disable=protected-access
   p, state = packed, jadam.init(packed)
   tx = optax.adam(_runners.LEARNING_RATE)
   ref_step = jax.jit(_runners._optimizer_step(tx))  # pylint: disable=protected-access

@@ -230,6 +230,7 @@ def test_chain_with_clipping_equals_optax():
   chex.assert_trees_all_close(pj, po, rtol=1e-6, atol=0)
 
 
+@pytest.mark.usefixtures("default_kernel_mode")  # optax's bits
 def test_flax_train_state():
   from flax.training import train_state
 

@@ -253,3 +253,151 @@ def test_env_var_and_missing_compiler(tmp_path):
                           timeout=120, check=True)
   assert "calls 0" in no_cxx.stdout and "ok -0.0099999" in no_cxx.stdout
   assert no_cxx.stderr.count("fused Adam kernel unavailable") == 1
+
+
+# ------------------------------------------------ bit for bit: a NumPy reference
+
+from jadam import _rule, _segments, _update  # noqa: E402  pylint: disable=wrong-import-position
+from jadam._kernel import _ffi  # noqa: E402  pylint: disable=wrong-import-position
+import _np_adam  # noqa: E402  pylint: disable=wrong-import-position
+
+NP_RULES = {
+    "adam": _rule.Rule(kernel="fused"),
+    "nadam": _rule.Rule(nesterov=True, kernel="fused"),
+    "amsgrad": _rule.Rule(kind="amsgrad", kernel="fused"),
+    "adamax": _rule.Rule(kind="adamax", kernel="fused"),
+    "radam": _rule.Rule(kind="radam", kernel="fused"),
+    "nradam": _rule.Rule(kind="radam", nesterov=True, kernel="fused"),
+}
+
+
+@pytest.mark.parametrize("apply", [False, True])
+@pytest.mark.parametrize("name", list(NP_RULES))
+def test_bit_identical_to_a_numpy_float32_reference(name, apply):
+  """The kernel's promise, checked bit for bit: every operation of the rule in
+  its order, rounded to float32 (as NumPy computes it), for 8 teacher-forced
+  steps (RAdam's rectification turns on after 5), with weight decay masked
+  on one leaf, odd sizes over several work items, float32 and bfloat16 params."""
+  rule = NP_RULES[name]
+  hp = _rule.Hyper(learning_rate=3e-3, b1=0.9, b2=0.99, eps=1e-8, eps_root=1e-12,
+                   weight_decay=0.05)
+  rng = np.random.default_rng(7)
+  sizes, dtypes = (70001, 513, 1, 64), (jnp.float32, jnp.float32, jnp.bfloat16, jnp.float32)
+  decay = (True, False, True, True)
+  params = [jnp.asarray(rng.normal(size=n), d) for n, d in zip(sizes, dtypes)]
+  moments = [[jnp.asarray(np.abs(rng.normal(size=n)) * 1e-3, jnp.float32) for n in sizes]
+             for _ in rule.moment_names]
+  out_dtypes = [p.dtype if apply else jnp.float32 for p in params]
+
+  @jax.jit
+  def kernel_step(count, grads, moments, params):
+    chunks = [_update.Chunk(g, tuple(m[i] for m in moments), p, _segments.WHOLE, (d,))
+              for i, (g, p, d) in enumerate(zip(grads, params, decay))]
+    hp_t, _, scalars = _update.step_inputs(rule, hp, count)
+    vector = _kernel._scalar_vector(hp_t, scalars, use_wd=True, scale_lr=True)  # pylint: disable=protected-access
+    new_count, results, _ = _kernel.update_and_finish(
+        rule, hp, count, chunks, use_wd=True, scale_lr=True, apply="fused" if apply else None,
+        out_dtypes=out_dtypes)
+    return vector, new_count, results
+
+  count = jnp.asarray(0, jnp.int32)
+  for _ in range(8):
+    grads = [jnp.asarray(rng.normal(size=n) * 1e-2, jnp.float32) for n in sizes]
+    vector, count, results = kernel_step(count, grads, moments, params)
+    scalars = dict(zip(_ffi.SCALARS, np.asarray(vector)))
+    for i, (out, new_moments) in enumerate(results):
+      ref_out, ref_moments = _np_adam.step(
+          rule.kind, rule.nesterov, scalars, grads[i], [m[i] for m in moments], params[i],
+          decay[i], apply)
+      np.testing.assert_array_equal(np.asarray(out), ref_out, err_msg=f"leaf {i}")
+      for got, ref in zip(new_moments, ref_moments):
+        np.testing.assert_array_equal(np.asarray(got), ref, err_msg=f"leaf {i} moments")
+    moments = [[r[1][j] for r in results] for j in range(len(rule.moment_names))]
+    if apply:
+      params = [r[0] for r in results]
+  assert int(count) == 8
+
+
+# ------------------------------------------------ the default: in-place steps
+
+
+def test_auto_runs_the_kernel_for_in_place_steps(monkeypatch):
+  """Unset $JADAM_KERNEL: jadam.step (tree or packed params) runs the kernel,
+  the optax drop-in's update XLA's ops (its updates stay optax's bits)."""
+  monkeypatch.delenv("JADAM_KERNEL", raising=False)
+  params = odd_tree()
+  grads = jax.tree.map(jnp.ones_like, params)
+  step = lambda p, s, g: jadam.step(g, s, p, learning_rate=1e-2)  # pylint: disable=unnecessary-lambda-assignment
+  assert custom_calls(step, params, jadam.init(params), grads) == 1
+  layout = jadam.FlatLayout.from_tree(params)
+  packed, packed_g = layout.pack(params), layout.pack(grads)
+  assert custom_calls(step, packed, jadam.init(packed), packed_g) == 1
+  tx = jadam.adam(1e-2)
+  assert custom_calls(tx.update, params, tx.init(params), params) == 0
+  monkeypatch.setenv("JADAM_KERNEL", "xla")  # read when a step is traced: a new function
+  assert custom_calls(lambda p, s, g: jadam.step(g, s, p), params, jadam.init(params),
+                      grads) == 0
+  monkeypatch.setenv("JADAM_KERNEL", "cuda")
+  with pytest.raises(ValueError, match="JADAM_KERNEL"):
+    jadam.step(grads, jadam.init(params), params)
+
+
+def test_auto_runs_xla_on_a_gspmd_mesh(monkeypatch):
+  """Arrays of a mesh that GSPMD splits: "auto" runs XLA's ops (the kernel has
+  no partitioning rule); inside shard_map the arrays are local and it runs."""
+  monkeypatch.setenv("JADAM_KERNEL", "fused")
+  if jax.device_count() < 2:
+    pytest.skip("needs 2 devices")
+  mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+  params = {"w": jax.device_put(jnp.ones((8, 3)), sharding)}
+  step = lambda p, s, g: jadam.step(g, s, p)  # pylint: disable=unnecessary-lambda-assignment
+  assert custom_calls(step, params, jadam.init(params), params) == 0
+  with jax.set_mesh(mesh):
+    local = {"w": jnp.ones((8, 3))}
+    assert custom_calls(step, local, jadam.init(local), local) == 0
+  state = jadam.init(params)
+  specs = jax.tree.map(lambda x: jax.sharding.PartitionSpec(*(("d",) if x.ndim else ())),
+                       (params, state, params))
+  in_shard_map = jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=specs[:2])
+  assert custom_calls(in_shard_map, params, state, params) == 1
+
+
+# ------------------------------------------------ ZeRO's slice update
+
+
+def _regression_loss(params, batch):
+  x, y = batch
+  return jnp.mean((jnp.tanh(x @ params["w"] + params["b"]).sum(-1) - y) ** 2)
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero2"])
+def test_zero_slice_update_runs_the_kernel(strategy):
+  """Each device's slices of the packed buffers go through the kernel inside
+  the strategy's shard_map; a NaN batch is skipped on every device (the flag
+  reduced with the loss); results agree with the XLA path."""
+  from jadam import parallel  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(16, 33)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(33,)), jnp.float32)}
+  x = jnp.asarray(rng.normal(size=(16, 16)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  runs = {}
+  for kernel in ("fused", "xla"):
+    tx = jadam.adamw(1e-2, weight_decay=0.1, skip_nonfinite=True, kernel=kernel)
+    trainer = parallel.DataParallel(_regression_loss, tx, mesh, strategy=strategy)
+    p, s = trainer.init(params)
+    calls = len(re.findall(r"custom-call\(", trainer.lower(p, s, (x, y)).compile().as_text()))
+    assert calls == (1 if kernel == "fused" else 0)
+    for t in range(4):
+      p, s, _ = trainer.step(p, s, (x.at[3, 3].set(jnp.nan) if t == 2 else x, y))
+    runs[kernel] = (p, s)
+  chex.assert_trees_all_close(*(jax.tree.map(np.asarray, runs[k]) for k in ("fused", "xla")),
+                              **CLOSE)
+  assert int(optax.tree_utils.tree_get(runs["fused"][1], "count")) == 3  # one step skipped
+  masked = jadam.adamw(1e-2, weight_decay=0.1, mask={"w": True, "b": False}, kernel="fused")
+  trainer = parallel.DataParallel(_regression_loss, masked, mesh, strategy=strategy)
+  p, s = trainer.init(params)
+  with pytest.raises(ValueError, match="weight decay mask"):
+    trainer.step(p, s, (x, y))

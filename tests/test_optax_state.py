@@ -21,6 +21,10 @@ import pytest
 import jadam
 from _trees import grads_like, nested_tree
 
+# The drop-in's promise: optax's bits and states (XLA's ops), whatever
+# $JADAM_KERNEL says.
+pytestmark = pytest.mark.usefixtures("default_kernel_mode")
+
 SCHEDULE = optax.linear_schedule(1e-2, 1e-3, 20)
 WD_SCHEDULE = optax.linear_schedule(0.1, 0.0, 20)
 

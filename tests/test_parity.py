@@ -13,6 +13,9 @@ import pytest
 import jadam
 from _trees import TREES, grad_sequence, nested_tree
 
+# The drop-in's promise: optax's bits (XLA's ops), whatever $JADAM_KERNEL says.
+pytestmark = pytest.mark.usefixtures("default_kernel_mode")
+
 N_STEPS = 100
 
 
@@ -183,7 +186,10 @@ def test_functional_core_matches_optax_nadamw(dtype):
   up = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
   ref_update = jax.jit(tx.update)
   update = jax.jit(lambda g, s, p: jadam.update(g, s, p, nesterov=True, **kw))
-  step = jax.jit(lambda g, s, p: jadam.step(g, s, p, nesterov=True, **kw))
+  # XLA's ops (on CPU "auto" runs jadam.step as the fused kernel, which rounds
+  # every operation as written: tests/test_kernel.py holds it to a NumPy
+  # reference bit for bit, and to optax to float32 rounding).
+  step = jax.jit(lambda g, s, p: jadam.step(g, s, p, nesterov=True, kernel="xla", **kw))
   state, p = jadam.init(params), params
   gseq = grad_sequence(params, 30)
   eps32, ulp = 2.0**-23, jnp.finfo(dtype).eps

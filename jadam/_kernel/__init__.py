@@ -14,23 +14,30 @@ Which path runs (``kernel=`` of every optimizer, :attr:`jadam._rule.Rule.kernel`
 * ``"fused"``: the kernel, or a ``ValueError`` saying why it cannot run this
   step. It runs every rule (Adam, NAdam, AMSGrad, Adamax, RAdam, decoupled
   weight decay with masks, LAMB, ``skip_nonfinite`` except with LAMB) with
-  float32, bfloat16 or float16 params, gradients and moments, on CPU. Not:
-  quantized ``q8``/``q4`` moments, master weights, 1-bit Adam's frozen
-  ``nu``, complex or float64 values, arrays split over a mesh (explicit
-  shardings, a flat layout packed for a mesh; under GSPMD's automatic
-  sharding, which a traced step cannot see, the custom call would be
-  replicated: use ``"xla"`` there).
+  float32, bfloat16 or float16 params, gradients and moments, on CPU, in the
+  tree and flat layouts and on ZeRO's slices (``zero1``/``zero2``, inside
+  their ``shard_map``; not LAMB or a weight decay mask there: where a leaf
+  starts in a slice depends on the device). Not: quantized ``q8``/``q4``
+  moments, master weights, 1-bit Adam's frozen ``nu``, complex or float64
+  values, arrays split over a mesh (explicit shardings, a flat layout packed
+  for a mesh; under GSPMD's automatic sharding the custom call is
+  replicated, so its operands are gathered).
 * ``"xla"``: always the XLA ops.
-* ``"auto"`` (default): what :data:`AUTO` says, or ``$JADAM_KERNEL``
-  (``xla`` or ``fused``, read when a step is traced); with ``fused`` the
-  kernel where it can run (the XLA ops elsewhere, no error).
+* ``"auto"`` (default): what :data:`AUTO` says (the kernel for in-place steps,
+  ``jadam.step``), or ``$JADAM_KERNEL`` (read when a step is traced); where
+  the kernel cannot run, the XLA ops, without an error.
 
 The kernel computes every operation of the rule rounded to float32, in the
-rule's order. XLA:CPU contracts some multiply-adds into FMAs and turns some
-divisions into multiplications by reciprocals, differently in different
-programs (the same leaf's update differs in its last bits between a one-leaf
-and a two-leaf tree), so the kernel agrees with the XLA path and with optax
-to float32 rounding (``tests/test_kernel.py``), not bit for bit.
+rule's order: bit for bit what NumPy computes in float32
+(``tests/_np_adam.py``, ``tests/test_kernel.py``). XLA's ops cannot promise
+that: XLA:CPU contracts multiply-adds into FMAs (LLVM may fuse either
+product of ``a*b + c*d``) and rewrites divisions (``x / b`` into ``x * (1/b)``,
+``(x / b) / c`` into ``x / (b * c)``), differently in different programs: the
+same leaf's optax update differs in its last bits between a one-leaf and a
+two-leaf tree, and ``mu`` is ``fma(1-b1, g, b1*mu)`` in one program and
+``fma(b1, mu, (1-b1)*g)`` in a ``lax.scan`` of the same step. So no fixed
+kernel is bit-identical to XLA's ops in every program; the kernel agrees
+with them, and with optax, to float32 rounding.
 
 Where the kernel cannot be built (no C++ compiler, no FFI) every mode runs the
 XLA ops after one logged notice. Under ``jax.vmap`` and in derivatives
@@ -56,11 +63,24 @@ from . import _ffi
 
 MODES = ("auto", "xla", "fused")
 ENV = "JADAM_KERNEL"
-AUTO = "xla"
-"""What ``kernel="auto"`` runs unless ``$JADAM_KERNEL`` says otherwise. The
-XLA ops for now: the suite's parity tests hold jadam to optax within
-``rtol=1e-6, atol=0``, tighter than float32 rounding after cancellation, and
-GSPMD-sharded arrays cannot be told apart from local ones while tracing."""
+ENV_VALUES = ("inplace", "xla", "fused")
+AUTO = "inplace"
+"""What ``kernel="auto"`` runs unless ``$JADAM_KERNEL`` says otherwise:
+
+* ``"inplace"`` (default): the kernel for steps that apply the update in
+  place (``jadam.step``, on tree or packed params), where it is measured
+  faster (BENCHMARKS.md); XLA's ops for the updates that the optax drop-in
+  (``jadam.adam(...).update``) returns, where the kernel would write a fresh
+  buffer that XLA's fused ``p + u`` does not need (about 2x slower), and
+  which stay bit-identical to optax;
+* ``"fused"``: the kernel wherever it can run;
+* ``"xla"``: never.
+
+Under ``"auto"`` a step on arrays of a GSPMD mesh with more than one device
+(the context mesh of ``jax.set_mesh``, or arrays placed on such a mesh) runs
+XLA's ops: the kernel has no partitioning rule, and XLA would gather its
+operands. Inside ``shard_map`` and ``pmap`` the arrays are local: the kernel
+runs there."""
 GROUP = int(os.environ.get("JADAM_KERNEL_GROUP", 64))
 """Leaves per kernel call."""
 _DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
@@ -73,7 +93,7 @@ def available() -> bool:
 
 def update_and_finish(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunks, *,
                       use_wd: bool, scale_lr: bool, apply: str | None, out_dtypes,
-                      for_mesh: bool = False):
+                      for_mesh: bool = False, finite=None):
   """One step over ``chunks``, each result finished.
 
   Args:
@@ -82,6 +102,8 @@ def update_and_finish(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunk
     out_dtypes: per chunk, the dtype of its updates (without ``apply``).
     for_mesh: the chunks are buffers packed to be split over a mesh (the
       kernel would gather them: the XLA ops run).
+    finite: as :func:`jadam._update.update_chunks` (a flag reduced over the
+      devices by a caller that holds a slice of the gradient).
 
   Returns:
     ``(new_count, [(result, new_moments) per chunk], finite)``: each result is
@@ -90,7 +112,7 @@ def update_and_finish(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunk
   hp, count_inc, scalars = _update.step_inputs(rule, hp, count)
   static = _Static(rule, hp, chunks, use_wd, scale_lr, apply, tuple(out_dtypes))
   dyn = (static.dynamic_hp(hp), scalars,
-         [(c.grad, tuple(c.moments), c.param) for c in chunks])
+         [(c.grad, tuple(c.moments), c.param) for c in chunks], finite)
   use = _use_kernel(rule, hp, chunks, apply, for_mesh)
   fn = _fused_with_fallbacks(static) if use else static.xla
   results, finite = fn(dyn)
@@ -98,34 +120,60 @@ def update_and_finish(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunk
 
 
 def effective_rule(rule: _rule.Rule) -> _rule.Rule:
-  """``rule`` with ``kernel="auto"`` resolved to ``"xla"`` unless the
-  kernel is wanted (:data:`AUTO`, ``$JADAM_KERNEL``): called before a step is
-  traced, so the choice is part of the jit's cache key. A remaining ``"auto"``
-  means the kernel wherever it can run."""
-  if rule.kernel == "auto" and auto_mode() == "xla":
-    return dataclasses.replace(rule, kernel="xla")
-  return rule
+  """``rule`` with ``kernel="auto"`` resolved by ``$JADAM_KERNEL`` (:data:`AUTO`):
+  ``"xla"``, ``"auto"`` (the kernel for in-place steps) or
+  :data:`jadam._rule.AUTO_ANYWHERE`. Called before a step is traced, so the
+  choice is part of the jit's cache key."""
+  if rule.kernel != "auto":
+    return rule
+  mode = auto_mode()
+  if mode == "inplace":
+    return rule
+  return dataclasses.replace(rule, kernel="xla" if mode == "xla" else _rule.AUTO_ANYWHERE)
 
 
 def auto_mode() -> str:
-  """What ``kernel="auto"`` means now: ``"xla"`` or ``"fused"``."""
+  """What ``kernel="auto"`` means now: ``"inplace"``, ``"xla"`` or ``"fused"``."""
   mode = os.environ.get(ENV) or AUTO
-  if mode not in ("xla", "fused"):
-    raise ValueError(f"${ENV} must be 'xla' or 'fused', got {mode!r}")
+  if mode not in ENV_VALUES:
+    raise ValueError(f"${ENV} must be one of {ENV_VALUES}, got {mode!r}")
   return mode
 
 
 def _use_kernel(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply, for_mesh) -> bool:
   mode = rule.kernel
-  if mode == "xla" or (mode == "auto" and auto_mode() == "xla") or not chunks:
+  if mode == "auto":  # not resolved by effective_rule: read the environment now
+    mode = effective_rule(rule).kernel
+  if mode == "xla" or not chunks:
     return False
+  if mode == "auto" and apply is None:
+    return False  # updates returned to the caller: XLA fuses them into p + u
   why = "a flat layout packed for a mesh" if for_mesh else unsupported(rule, hp, chunks, apply)
+  if why is None and mode != "fused" and on_gspmd_mesh(chunks):
+    return False
   if why is None and not _ffi.available():
     return False  # a notice was logged
   if why is not None and mode == "fused":
     raise ValueError(f"kernel='fused' cannot run this step: {why} (use kernel='auto', "
                      "which runs such steps as XLA ops)")
   return why is None
+
+
+def on_gspmd_mesh(chunks) -> bool:
+  """Whether the step's arrays may be split by GSPMD: a context mesh (or a
+  mesh in an array's type) with more than one device on axes that are not
+  manual (``shard_map``'s are)."""
+  meshes = [jax.sharding.get_abstract_mesh()]
+  for c in chunks:
+    for x in (c.grad, c.param, *c.moments):
+      mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None) if x is not None else None
+      if mesh is not None:
+        meshes.append(mesh)
+  for mesh in meshes:
+    manual = set(getattr(mesh, "manual_axes", ()) or ())
+    if any(size > 1 and name not in manual for name, size in mesh.shape.items()):
+      return True
+  return False
 
 
 def unsupported(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply) -> str | None:
@@ -145,7 +193,12 @@ def unsupported(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply) -> str | None:
       return f"hyperparameter {k} of dtype {jnp.result_type(v)} (float32 only)"
   for c in chunks:
     if not isinstance(c.segments, (type(_segments.WHOLE), _segments.BufferSegments)):
-      return f"chunks split by {type(c.segments).__name__}"
+      # Slices of packed buffers (ZeRO): where a leaf starts depends on the
+      # device, so per-leaf norms and masks are not static offsets.
+      if rule.trust_ratio:
+        return f"LAMB on chunks split by {type(c.segments).__name__}"
+      if _update.uses_weight_decay(hp) and len(set(c.decay)) > 1:
+        return f"a weight decay mask within chunks split by {type(c.segments).__name__}"
 
     for x in (c.grad, c.param, *c.moments):
       if x is None:
@@ -190,42 +243,45 @@ class _Static:
             if v is not None and not isinstance(v, (int, float))}
 
   def _unpack(self, dyn):
-    hp_dyn, scalars, arrays = dyn
+    hp_dyn, scalars, arrays, finite = dyn
     hp = self.hp_static._replace(**hp_dyn)
     chunks = [_update.Chunk(g, moments, p, seg, decay)
               for (g, moments, p), (seg, decay) in zip(arrays, self.segments)]
-    return hp, scalars, chunks
+    return hp, scalars, chunks, finite
 
   def xla(self, dyn):
     """The XLA ops: :func:`jadam._update.apply_chunks`, then finish."""
-    hp, scalars, chunks = self._unpack(dyn)
-    results, finite = _update.apply_chunks(self.rule, hp, scalars, chunks,
-                                           use_wd=self.use_wd, scale_lr=self.scale_lr)
+    hp, scalars, chunks, finite = self._unpack(dyn)
+    results, finite = _update.apply_chunks(self.rule, hp, scalars, chunks, use_wd=self.use_wd,
+                                           scale_lr=self.scale_lr, finite=finite)
     return [(_update.finish(u, c.param, dtype, self.apply), m)
             for (u, m), c, dtype in zip(results, chunks, self.out_dtypes)], finite
 
   def kernel(self, dyn):
     """The same step as one kernel call (two with LAMB's trust ratio)."""
-    hp, scalars, chunks = self._unpack(dyn)
+    hp, scalars, chunks, finite = self._unpack(dyn)
     empty = [int(np.prod(c.grad.shape)) == 0 for c in chunks]
     if any(empty):  # no elements: nothing to compute, nothing to pass
       keep = [c for c, e in zip(chunks, empty) if not e]
       dtypes = [d for d, e in zip(self.out_dtypes, empty) if not e]
-      done, finite = self._kernel(hp, scalars, keep, dtypes) if keep else ([], None)
+      done, finite = self._kernel(hp, scalars, keep, dtypes, finite) if keep else ([], finite)
       if finite is None and self.rule.skip_nonfinite and not keep:
         finite = jnp.array(True)
       done = iter(done)
       return [(c.param if self.apply else jnp.zeros(c.grad.shape, d), c.moments) if e
               else next(done) for c, d, e in zip(chunks, self.out_dtypes, empty)], finite
-    return self._kernel(hp, scalars, chunks, self.out_dtypes)
+    return self._kernel(hp, scalars, chunks, self.out_dtypes, finite)
 
-  def _kernel(self, hp, scalars, chunks, out_dtypes):
+  def _kernel(self, hp, scalars, chunks, out_dtypes, finite=None):
     """The kernel on groups of at most :data:`GROUP` chunks (XLA's compile
-    time grows with the square of one call's aliased operands)."""
+    time grows with the square of one call's aliased operands). ``finite``:
+    the step's flag, when the caller has it (else the kernel reads it)."""
+    if not self.rule.skip_nonfinite:
+      finite = None
     if len(chunks) <= GROUP:
-      return self._call(hp, scalars, chunks, out_dtypes)
-    finite = None
-    if self.rule.skip_nonfinite:  # one flag for the whole step
+      results, found = self._call(hp, scalars, chunks, out_dtypes, finite)
+      return results, (finite if finite is not None else found)
+    if self.rule.skip_nonfinite and finite is None:  # one flag for the whole step
       finite = _update.all_finite([c.grad for c in chunks])
     results = []
     for i in range(0, len(chunks), GROUP):
@@ -291,6 +347,8 @@ def _decay_ranges(chunk, use_wd: bool) -> list[tuple[int, int]]:
   flags = tuple(chunk.decay)
   if all(flags):  # the padding is zero: decaying it changes nothing
     return [(0, n)]
+  if not any(flags):
+    return []
   ranges, at = [], 0
   for size, flag in zip(chunk.segments.sizes, flags + (False,)):
     if flag and size:

@@ -29,6 +29,7 @@ import numpy as np
 _LOG = logging.getLogger("jadam")
 
 SOURCE = os.path.join(os.path.dirname(__file__), "adam_kernel.cc")
+HEADERS = [os.path.join(os.path.dirname(__file__), "adam_rule.h")]
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
          "-fPIC", "-shared", "-fvisibility=hidden", "-w")
 """No -ffast-math and no contraction: every float32 operation of the rule,
@@ -84,8 +85,10 @@ def _build(include: str) -> str:
   if found is None:
     raise RuntimeError("no C++ compiler found (set $CXX)")
   cxx, version = found
-  with open(SOURCE, "rb") as f:
-    source = f.read()
+  source = b""
+  for path in [SOURCE] + HEADERS:  # the key covers every file the build reads
+    with open(path, "rb") as f:
+      source += f.read()
   import jaxlib  # pylint: disable=import-outside-toplevel
   key = hashlib.sha256(b"\0".join([
       source, " ".join(FLAGS).encode(), jaxlib.__version__.encode(), version.encode(),

@@ -93,10 +93,13 @@ IMPL_HELP = {
     "jadam_tree_fused": ("jadam.adam(kernel='fused') (tree layout; the fused multi-tensor "
                          "CPU kernel, one call for all leaves) + optax.apply_updates"),
     "jadam_step_fused": ("jadam.step(kernel='fused') on tree params, grads and state "
-                         "(update and apply in one pass, in place)"),
+                         "(update and apply in one pass, in place; what kernel='auto' "
+                         "runs on CPU)"),
     "jadam_flat_tree_io": "jadam.adam(layout='flat'): tree grads in, tree updates out",
-    "jadam_flat": "jadam.step on packed params/grads/state (flat end to end)",
-    "jadam_flat_fused": "jadam.step(kernel='fused') on packed params/grads/state",
+    "jadam_flat": ("jadam.step(kernel='xla') on packed params/grads/state (flat end to "
+                   "end, XLA's ops)"),
+    "jadam_flat_fused": ("jadam.step(kernel='fused') on packed params/grads/state (what "
+                         "kernel='auto' runs on CPU)"),
     "jadam_tree_q8": ("jadam.adam(mu_dtype='q8', nu_dtype='q8') (tree layout; 8-bit "
                       "block-wise moments, float32 under 4096 elements) + optax.apply_updates"),
     "jadam_flat_q8": ("jadam.step with q8 moments on packed params/grads/state, in the "

@@ -306,7 +306,7 @@ def build_optimizer_runners(case: Case, impls, device, jax_device) -> tuple[dict
       layout = FlatLayout.from_tree(params)
       packed = jax.jit(layout.pack)(params)
       runners[impl] = JaxRunner(
-          _flat_step(), (packed, jadam.init(packed), jax.jit(layout.pack)(grads)),
+          _flat_step("xla"), (packed, jadam.init(packed), jax.jit(layout.pack)(grads)),
           unpack=layout.unpack,
       )
     elif impl == "jadam_tree_q8":

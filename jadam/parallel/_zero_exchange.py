@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from .. import _core
+from .. import _kernel
 from .. import _segments
 from .. import _update
 from .._packed import Packed
@@ -217,12 +218,14 @@ class SlicedUpdate:
         if others:
           bad = jax.lax.psum(bad, others)
         finite = bad == 0
-      count_inc, results, finite = _update.update_chunks(
+      # The XLA ops or the fused kernel on this device's slices (local
+      # arrays: shard_map's axes are manual).
+      count_inc, results, finite = _kernel.update_and_finish(
           rule, _update.merge_hyper(static_hp, dynamic_hp), state.count, chunks,
-          use_wd=use_wd, scale_lr=scale_lr, finite=finite)
-      u = {b.key: layout.to_block(_update.finish(r[0], None, _update.update_dtype(rule, b.dtype),
-                                                 None))
-           for b, r in zip(layout.flat.buffers, results)}
+          use_wd=use_wd, scale_lr=scale_lr, apply=None,
+          out_dtypes=[_update.update_dtype(rule, b.dtype) for b in layout.flat.buffers],
+          finite=finite)
+      u = {b.key: layout.to_block(r[0]) for b, r in zip(layout.flat.buffers, results)}
       moments = [Packed(layout, {b.key: layout.to_block(r[1][j])
                                  for b, r in zip(layout.flat.buffers, results)})
                  for j in range(len(rule.moment_names))]
