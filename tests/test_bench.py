@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
+import pathlib
 
 import chex
 import jax
@@ -15,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+import conftest
 import jadam
 from jadam.bench import _bench
 from jadam.bench import _runners
@@ -32,16 +31,13 @@ Q8_IMPLS = ["jadam_tree_q8", "jadam_flat_q8"]
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("bench")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one plain CPU device
-  proc = subprocess.run(
-      [sys.executable, "-m", "jadam.bench", "--quick", "--json", str(out / "bench.json"),
-       "--plot", str(out / "bench.png")],
-      capture_output=True, text=True, env=env, timeout=600, check=False,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout, json.loads((out / "bench.json").read_text()), out / "bench.png"
+def quick_run():
+  # Started in the background when collection ended (conftest.py); these
+  # tests run last.
+  returncode, stdout, stderr, out = conftest.quick_bench_run(timeout=600)
+  assert returncode == 0, stderr[-3000:]
+  out = pathlib.Path(out)
+  return stdout, json.loads((out / "bench.json").read_text()), out / "bench.png"
 
 
 def test_quick_json_records(quick_run):

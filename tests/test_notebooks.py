@@ -29,6 +29,7 @@ def test_notebook_runs(path, monkeypatch):
   # the environment of a user's session, not the test suite's 8 fake devices
   # (a notebook that wants fake devices sets XLA_FLAGS itself).
   monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.delenv("JADAM_KERNEL", raising=False)  # the defaults a user gets
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
   nb = nbformat.read(path, as_version=4)

@@ -111,6 +111,7 @@ def assert_equal(got, want, what: str) -> None:
 # --------------------------------------------- quickstart and functional core
 
 
+@pytest.mark.usefixtures("default_kernel_mode")  # the README's claims: optax's bits
 def test_quickstart_and_functional_core():
   namespace: dict = {}
   run_block("quickstart", namespace)
