@@ -14,58 +14,85 @@ import tempfile  # noqa: E402  pylint: disable=wrong-import-position
 
 import pytest  # noqa: E402  pylint: disable=wrong-import-position
 
-# ``python -m jadam.bench --quick`` (tests/test_bench.py's ``quick_run``) is a
-# subprocess of its own: it starts when collection ends and runs beside the
-# rest of the suite; the tests that read it run last.
-BENCH_FIXTURE = "quick_run"
-_bench_run = {}
+# Runs that are subprocesses of their own start when collection ends and run
+# beside the rest of the suite (which leaves about half a core idle on 2
+# cores); the tests that read them run last: ``python -m jadam.bench
+# --quick`` (tests/test_bench.py's ``quick_run``) and the notebooks
+# (tests/test_notebooks.py).
+TESTS = os.path.dirname(os.path.abspath(__file__))
+NOTEBOOKS = sorted(os.path.join(TESTS, "..", "notebooks", f)
+                   for f in os.listdir(os.path.join(TESTS, "..", "notebooks"))
+                   if f.endswith(".ipynb"))
+
+
+def _bench_job(out):
+  # One plain CPU device; the rows' own kernel= (the bench measures the
+  # default and each path by name, whatever $JADAM_KERNEL says).
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env.pop("JADAM_KERNEL", None)
+  return [sys.executable, "-m", "jadam.bench", "--quick", "--json",
+          os.path.join(out, "bench.json"), "--plot", os.path.join(out, "bench.png")], env
+
+
+def _notebooks_job(out):
+  # The environment of a user's session, not the suite's 8 fake devices (a
+  # notebook that wants fake devices sets XLA_FLAGS itself), and the defaults
+  # a user gets; plots drawn inline.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+  env.pop("XLA_FLAGS", None)
+  env.pop("JADAM_KERNEL", None)
+  return [sys.executable, os.path.join(TESTS, "_run_notebooks.py"), out, *NOTEBOOKS], env
+
+
+BACKGROUND = {
+    "bench": (lambda item: "quick_run" in getattr(item, "fixturenames", ()), _bench_job),
+    "notebooks": (lambda item: getattr(item, "originalname", "") == "test_notebook_runs",
+                  _notebooks_job),
+}
+_running = {}
 
 
 def pytest_collection_modifyitems(session, config, items):
   del session, config
-  late = [item for item in items if BENCH_FIXTURE in getattr(item, "fixturenames", ())]
+  late = [item for item in items if any(wants(item) for wants, _ in BACKGROUND.values())]
   if late:
     ids = {id(item) for item in late}
     items[:] = [item for item in items if id(item) not in ids] + late
 
 
 def pytest_collection_finish(session):
-  if any(BENCH_FIXTURE in getattr(item, "fixturenames", ()) for item in session.items):
-    _start_bench()
+  for name, (wants, _) in BACKGROUND.items():
+    if any(wants(item) for item in session.items):
+      _start(name)
 
 
-def _start_bench():
-  out = tempfile.mkdtemp(prefix="jadam-bench-")
-  # One plain CPU device; the rows' own kernel= (the bench measures the
-  # default and each path by name, whatever $JADAM_KERNEL says).
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  env.pop("JADAM_KERNEL", None)
+def _start(name):
+  out = tempfile.mkdtemp(prefix=f"jadam-{name}-")
+  argv, env = BACKGROUND[name][1](out)
   with open(os.path.join(out, "stdout"), "w", encoding="utf-8") as stdout, \
        open(os.path.join(out, "stderr"), "w", encoding="utf-8") as stderr:
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "jadam.bench", "--quick",
-         "--json", os.path.join(out, "bench.json"), "--plot", os.path.join(out, "bench.png")],
-        env=env, stdout=stdout, stderr=stderr, text=True)
-  _bench_run.update(popen=popen, out=out)
+    _running[name] = (subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr, text=True),
+                      out)
 
 
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
-  if _bench_run:
-    if _bench_run["popen"].poll() is None:
-      _bench_run["popen"].kill()
-      _bench_run["popen"].wait()
-    shutil.rmtree(_bench_run["out"], ignore_errors=True)
+  for popen, out in _running.values():
+    if popen.poll() is None:
+      popen.kill()
+      popen.wait()
+    shutil.rmtree(out, ignore_errors=True)
 
 
-def quick_bench_run(timeout: float):
-  """``(returncode, stdout, stderr, out_dir)`` of the background quick bench
-  run, once it has finished (started here if collection did not start it)."""
-  if not _bench_run:
-    _start_bench()
-  popen, out = _bench_run["popen"], _bench_run["out"]
+def background_result(name: str, timeout: float):
+  """``(returncode, stdout, stderr, out_dir)`` of the background run ``name``
+  once it has finished (started now if collection did not start it)."""
+  if name not in _running:
+    _start(name)
+  popen, out = _running[name]
   popen.wait(timeout=timeout)
-  read = lambda name: open(os.path.join(out, name), encoding="utf-8").read()  # noqa: E731
+  read = lambda f: open(os.path.join(out, f), encoding="utf-8").read()  # noqa: E731
   return popen.returncode, read("stdout"), read("stderr"), out
 
 

@@ -34,7 +34,7 @@ Q8_IMPLS = ["jadam_tree_q8", "jadam_flat_q8"]
 def quick_run():
   # Started in the background when collection ended (conftest.py); these
   # tests run last.
-  returncode, stdout, stderr, out = conftest.quick_bench_run(timeout=600)
+  returncode, stdout, stderr, out = conftest.background_result("bench", timeout=600)
   assert returncode == 0, stderr[-3000:]
   out = pathlib.Path(out)
   return stdout, json.loads((out / "bench.json").read_text()), out / "bench.png"
