@@ -294,7 +294,8 @@ def test_bit_identical_to_a_numpy_float32_reference(name, apply):
     chunks = [_update.Chunk(g, tuple(m[i] for m in moments), p, _segments.WHOLE, (d,))
               for i, (g, p, d) in enumerate(zip(grads, params, decay))]
     hp_t, _, scalars = _update.step_inputs(rule, hp, count)
-    vector = _kernel._scalar_vector(hp_t, scalars, use_wd=True, scale_lr=True)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    vector = _kernel._scalar_vector(hp_t, scalars, use_wd=True, scale_lr=True)
     new_count, results, _ = _kernel.update_and_finish(
         rule, hp, count, chunks, use_wd=True, scale_lr=True, apply="fused" if apply else None,
         out_dtypes=out_dtypes)
@@ -327,7 +328,10 @@ def test_auto_runs_the_kernel_for_in_place_steps(monkeypatch):
   monkeypatch.delenv("JADAM_KERNEL", raising=False)
   params = odd_tree()
   grads = jax.tree.map(jnp.ones_like, params)
-  step = lambda p, s, g: jadam.step(g, s, p, learning_rate=1e-2)  # pylint: disable=unnecessary-lambda-assignment
+
+  def step(p, s, g):
+    return jadam.step(g, s, p, learning_rate=1e-2)
+
   assert custom_calls(step, params, jadam.init(params), grads) == 1
   layout = jadam.FlatLayout.from_tree(params)
   packed, packed_g = layout.pack(params), layout.pack(grads)
@@ -351,7 +355,10 @@ def test_auto_runs_xla_on_a_gspmd_mesh(monkeypatch):
   mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
   params = {"w": jax.device_put(jnp.ones((8, 3)), sharding)}
-  step = lambda p, s, g: jadam.step(g, s, p)  # pylint: disable=unnecessary-lambda-assignment
+
+  def step(p, s, g):
+    return jadam.step(g, s, p)
+
   assert custom_calls(step, params, jadam.init(params), params) == 0
   with jax.set_mesh(mesh):
     local = {"w": jnp.ones((8, 3))}

@@ -166,10 +166,9 @@ def on_gspmd_mesh(chunks) -> bool:
   meshes = [jax.sharding.get_abstract_mesh()]
   for c in chunks:
     for x in (c.grad, c.param, *c.moments):
-      mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None) if x is not None else None
-      if mesh is not None:
-        meshes.append(mesh)
-  for mesh in meshes:
+      if x is not None:
+        meshes.append(getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None))
+  for mesh in filter(None, meshes):
     manual = set(getattr(mesh, "manual_axes", ()) or ())
     if any(size > 1 and name not in manual for name, size in mesh.shape.items()):
       return True
