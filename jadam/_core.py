@@ -54,7 +54,7 @@ class OptimizerSpec(NamedTuple):
     """Hyperparameter values as the update path takes them.
 
     Schedules stay callables: the update path evaluates them at the step count
-    inside its one jitted computation (:func:`jadam._update.update_chunks`), so
+    inside its one jitted computation (:func:`jadam._update.step_inputs`), so
     an eager step and a jitted one compute the same schedule value.
     """
     return _rule.Hyper(

@@ -2,7 +2,8 @@
 
 Every layout — the tree (a chunk per leaf), the flat layout (a chunk per
 packed buffer) and ZeRO (a chunk per device slice of a buffer) — turns its
-state into :class:`Chunk` s and calls :func:`update_chunks`. Around the element
+state into :class:`Chunk` s and calls :func:`jadam._kernel.update_and_finish`,
+which runs :func:`apply_chunks` as XLA ops or as the fused kernel. Around the element
 rule of :mod:`jadam._rule` it applies, in optax's order, the three small
 steps every layout shares: decoupled weight decay (masked per segment), LAMB's
 trust ratio (per-segment norms from the layout's segments object, see
@@ -102,35 +103,6 @@ def all_finite(grads) -> jax.Array:
   return jnp.isfinite(sum(sums)) if sums else jnp.array(True)
 
 
-def update_chunks(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunks, *,
-                  use_wd: bool, scale_lr: bool, finite=None):
-  """One step of ``rule`` over ``chunks``.
-
-  Args:
-    rule: the static rule.
-    hp: hyperparameter values at this step (from :func:`merge_hyper`).
-    count: the state's step count before this step.
-    chunks: :class:`Chunk` s.
-    use_wd: whether weight decay applies at all (static).
-    scale_lr: multiply by ``-learning_rate`` (False for ``scale_by_adam``).
-    finite: with ``rule.skip_nonfinite``, whether the whole gradient is
-      finite (a bool scalar; a caller that holds only a slice of it reduces
-      the flag over the devices first); ``None``: read from the chunks.
-
-  Returns:
-    ``(count + 1, [(update, new_moments) per chunk], finite)``; updates are in
-    the compute dtype (see :func:`finish`), moments in their stored dtypes.
-    With ``rule.skip_nonfinite`` the update runs under a conditional on
-    ``finite``; on a gradient that is not finite: zero updates, the moments
-    as they were and ``count``. ``finite`` is ``None`` without
-    ``skip_nonfinite``.
-  """
-  hp, count_inc, scalars = step_inputs(rule, hp, count)
-  results, finite = apply_chunks(rule, hp, scalars, chunks, use_wd=use_wd,
-                                 scale_lr=scale_lr, finite=finite)
-  return next_count(count, count_inc, finite), results, finite
-
-
 def step_inputs(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array):
   """``(hp, count + 1, scalars)``: ``hp`` with its schedules evaluated at
   ``count``, the new count and :func:`jadam._rule.step_scalars` of the step."""
@@ -146,8 +118,28 @@ def next_count(count, count_inc, finite):
 
 def apply_chunks(rule: _rule.Rule, hp: _rule.Hyper, scalars: _rule.StepScalars, chunks, *,
                  use_wd: bool, scale_lr: bool, finite=None):
-  """The body of :func:`update_chunks` once ``hp`` and ``scalars`` are known:
-  ``([(update, new_moments) per chunk], finite)``."""
+  """One step of ``rule`` over ``chunks``, once ``hp`` and ``scalars`` are
+  known (:func:`step_inputs`).
+
+  Args:
+    rule: the static rule.
+    hp: hyperparameter values at this step, schedules evaluated.
+    scalars: the step's :class:`jadam._rule.StepScalars`.
+    chunks: :class:`Chunk` s.
+    use_wd: whether weight decay applies at all (static).
+    scale_lr: multiply by ``-learning_rate`` (False for ``scale_by_adam``).
+    finite: with ``rule.skip_nonfinite``, whether the whole gradient is
+      finite (a bool scalar; a caller that holds only a slice of it reduces
+      the flag over the devices first); ``None``: read from the chunks.
+
+  Returns:
+    ``([(update, new_moments) per chunk], finite)``; updates are in the
+    compute dtype (see :func:`finish`), moments in their stored dtypes. With
+    ``rule.skip_nonfinite`` the update runs under a conditional on
+    ``finite``; on a gradient that is not finite: zero updates and the
+    moments as they were (:func:`next_count` keeps the count). ``finite`` is
+    ``None`` without ``skip_nonfinite``.
+  """
 
   def step():
     return [apply_rule(rule, hp, scalars, c, use_wd=use_wd, scale_lr=scale_lr)
@@ -164,8 +156,9 @@ def apply_chunks(rule: _rule.Rule, hp: _rule.Hyper, scalars: _rule.StepScalars, 
     return [(jnp.zeros(u.shape, u.dtype), c.moments) for (u, _), c in zip(shapes, chunks)]
 
   # A conditional, not a select: the update pass runs only on a finite
-  # gradient (a select of new against old values took 2.5x the time of the
-  # update on CPU; the conditional adds about 30%: BENCHMARKS.md).
+  # gradient. On CPU a select of new against old values measured slower
+  # still; the conditional adds 28-35% at 5.2M params and about 155% at
+  # 16.8M (XLA:CPU runs a branch without its parallel loops: BENCHMARKS.md).
   return jax.lax.cond(finite, step, skip), finite
 
 

@@ -1,13 +1,14 @@
 """The fused multi-tensor Adam kernel for XLA:CPU, behind one hook for the layouts.
 
-The tree and flat layouts call :func:`update_and_finish` with their chunks: it
-is :func:`jadam._update.update_chunks` followed by :func:`jadam._update.finish`
-on every chunk, run either as XLA ops (a few loops per chunk) or as one call
-of a C++ kernel (``adam_kernel.cc``, through ``jax.ffi``) that updates all the
-chunks in one pass each: 28 bytes per float32 parameter for ``jadam.step``,
-moments (and params) in place, split over the CPU's cores, and a compile time
-that no longer grows with the number of leaves. The same float32 operations in
-the same order, to float32 rounding (below).
+The tree and flat layouts and ZeRO call :func:`update_and_finish` with their
+chunks: it is :func:`jadam._update.apply_chunks` followed by
+:func:`jadam._update.finish` on every chunk, run either as XLA ops (a few
+loops per chunk) or as one call of a C++ kernel (``adam_kernel.cc``, through
+``jax.ffi``) that updates all the chunks in one pass each: 28 bytes per
+float32 parameter for ``jadam.step``, moments (and params) in place, split
+over the CPU's cores, and a compile time that no longer grows with the number
+of leaves. The same float32 operations in the same order, to float32 rounding
+(below).
 
 Which path runs (``kernel=`` of every optimizer, :attr:`jadam._rule.Rule.kernel`):
 
@@ -97,17 +98,21 @@ def update_and_finish(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunk
   """One step over ``chunks``, each result finished.
 
   Args:
-    rule, hp, count, chunks, use_wd, scale_lr: as :func:`jadam._update.update_chunks`.
+    rule: the static rule.
+    hp: hyperparameter values at this step (from :func:`jadam._update.merge_hyper`).
+    count: the state's step count before this step.
+    chunks, use_wd, scale_lr: as :func:`jadam._update.apply_chunks`.
     apply: as :func:`jadam._update.finish` (``None`` or ``"fused"``).
     out_dtypes: per chunk, the dtype of its updates (without ``apply``).
     for_mesh: the chunks are buffers packed to be split over a mesh (the
       kernel would gather them: the XLA ops run).
-    finite: as :func:`jadam._update.update_chunks` (a flag reduced over the
+    finite: as :func:`jadam._update.apply_chunks` (a flag reduced over the
       devices by a caller that holds a slice of the gradient).
 
   Returns:
     ``(new_count, [(result, new_moments) per chunk], finite)``: each result is
-    ``finish(update, chunk.param, out_dtype, apply)``.
+    ``finish(update, chunk.param, out_dtype, apply)``; after a skipped step
+    ``new_count`` is ``count``.
   """
   hp, count_inc, scalars = _update.step_inputs(rule, hp, count)
   static = _Static(rule, hp, chunks, use_wd, scale_lr, apply, tuple(out_dtypes))

@@ -295,19 +295,12 @@ def build_optimizer_runners(case: Case, impls, device, jax_device) -> tuple[dict
     elif impl == "jadam_step_fused":
       p = _copy(params)
       runners[impl] = JaxRunner(_flat_step("fused"), (p, jadam.init(p), grads))
-    elif impl == "jadam_flat_fused":
+    elif impl in ("jadam_flat", "jadam_flat_fused"):
       layout = FlatLayout.from_tree(params)
       packed = jax.jit(layout.pack)(params)
       runners[impl] = JaxRunner(
-          _flat_step("fused"), (packed, jadam.init(packed), jax.jit(layout.pack)(grads)),
-          unpack=layout.unpack,
-      )
-    elif impl == "jadam_flat":
-      layout = FlatLayout.from_tree(params)
-      packed = jax.jit(layout.pack)(params)
-      runners[impl] = JaxRunner(
-          _flat_step("xla"), (packed, jadam.init(packed), jax.jit(layout.pack)(grads)),
-          unpack=layout.unpack,
+          _flat_step("fused" if impl.endswith("_fused") else "xla"),
+          (packed, jadam.init(packed), jax.jit(layout.pack)(grads)), unpack=layout.unpack,
       )
     elif impl == "jadam_tree_q8":
       tx = quantized_adam()
