@@ -219,11 +219,12 @@ def test_auto_falls_back_where_the_kernel_cannot_run(monkeypatch):
   params = {"w": jnp.ones((64, 80))}
   tx = jadam.adam(1e-3)
   assert custom_calls(tx.update, params, tx.init(params), params) == 1
-  q8 = jadam.adam(1e-3, mu_dtype="q8", nu_dtype="q8")
-  assert custom_calls(q8.update, params, q8.init(params), params) == 0  # XLA path
-  forced = jadam.adam(1e-3, mu_dtype="q8", nu_dtype="q8", kernel="fused")
-  with pytest.raises(ValueError, match="quantized moments"):
-    forced.update(params, forced.init(params), params)
+  low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  master = jadam.adam(1e-3, master_weights="float32")
+  assert custom_calls(master.update, low, master.init(low), low) == 0  # XLA path
+  forced = jadam.adam(1e-3, master_weights="float32", kernel="fused")
+  with pytest.raises(ValueError, match="master weights"):
+    forced.update(low, forced.init(low), low)
   with pytest.raises(ValueError, match="kernel"):
     jadam.adam(1e-3, kernel="cuda")
 

@@ -18,8 +18,11 @@ Which path runs (``kernel=`` of every optimizer, :attr:`jadam._rule.Rule.kernel`
   float32, bfloat16 or float16 params, gradients and moments, on CPU, in the
   tree and flat layouts and on ZeRO's slices (``zero1``/``zero2``, inside
   their ``shard_map``; not LAMB or a weight decay mask there: where a leaf
-  starts in a slice depends on the device). Not: quantized ``q8``/``q4``
-  moments, master weights, 1-bit Adam's frozen ``nu``, complex or float64
+  starts in a slice depends on the device), and with block-wise quantized
+  moments (``q8``, and ``q4``'s ``mu``: decoded, updated and encoded in the
+  same pass, ``adam_quant.h``). Not: rank-1 quantized moments (``q4``'s
+  ``nu``: its row and column maxima need the whole tensor before any code is
+  written), master weights, 1-bit Adam's frozen ``nu``, complex or float64
   values, arrays split over a mesh (explicit shardings, a flat layout packed
   for a mesh; under GSPMD's automatic sharding the custom call is
   replicated, so its operands are gathered).
@@ -170,14 +173,19 @@ def on_gspmd_mesh(chunks) -> bool:
   manual (``shard_map``'s are)."""
   meshes = [jax.sharding.get_abstract_mesh()]
   for c in chunks:
-    for x in (c.grad, c.param, *c.moments):
-      if x is not None:
-        meshes.append(getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None))
+    for x in _arrays(c):
+      meshes.append(getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None))
   for mesh in filter(None, meshes):
     manual = set(getattr(mesh, "manual_axes", ()) or ())
     if any(size > 1 and name not in manual for name, size in mesh.shape.items()):
       return True
   return False
+
+
+def _arrays(chunk) -> list:
+  """The arrays of a chunk: gradient, param and moments (a quantized
+  moment's codes and scales)."""
+  return jax.tree.leaves((chunk.grad, chunk.param, tuple(chunk.moments)))
 
 
 def unsupported(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply) -> str | None:
@@ -204,12 +212,11 @@ def unsupported(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply) -> str | None:
       if _update.uses_weight_decay(hp) and len(set(c.decay)) > 1:
         return f"a weight decay mask within chunks split by {type(c.segments).__name__}"
 
-    for x in (c.grad, c.param, *c.moments):
-      if x is None:
-        continue
-      if isinstance(x, _quant.QArray):
-        return "quantized moments"
-      if np.dtype(x.dtype) not in _DTYPES:
+    for m in c.moments:
+      if isinstance(m, _quant.QArray) and m.rank1:
+        return "rank-1 quantized moments"
+    for x in _arrays(c):
+      if x.dtype != np.uint8 and np.dtype(x.dtype) not in _DTYPES:
         return f"dtype {x.dtype} (float32, bfloat16 and float16 only)"
       if explicit_sharding(x) is not None:
         return "arrays split over a mesh"

@@ -26,11 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _codes, _quant
+
 _LOG = logging.getLogger("jadam")
 
 SOURCE = os.path.join(os.path.dirname(__file__), "adam_kernel.cc")
-HEADERS = [os.path.join(os.path.dirname(__file__), "adam_rule.h")]
+HEADERS = [os.path.join(os.path.dirname(__file__), name)
+           for name in ("adam_rule.h", "adam_quant.h", "adam_threads.h")]
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
+         "-fno-trapping-math",
          "-fPIC", "-shared", "-fvisibility=hidden", "-w")
 """No -ffast-math and no contraction: every float32 operation of the rule,
 rounded, in order. Built for the host CPU (-march=native: its features are in
@@ -138,13 +142,40 @@ def _i64(values) -> np.ndarray:
   return np.asarray(list(values) or [0], np.int64)
 
 
+def _qformats(leaves, n_moments: int):
+  """The quantized formats of the leaves' moments: ``(qslots, qint,
+  qfloat)``, the kernel's attributes (per leaf and moment a format index or
+  -1; per format its bits, block size, dynamic, signed; then its table, the
+  dynamic map's thresholds and decade scales, ``2**bits + 2 * bits - 1``
+  floats)."""
+  formats, slots = [], []
+  for _, moments, _ in leaves:
+    for m in moments[:n_moments]:
+      if not isinstance(m, _quant.QArray):
+        slots.append(-1)
+        continue
+      if m.fmt not in formats:
+        formats.append(m.fmt)
+      slots.append(formats.index(m.fmt))
+  ints, floats = [], []
+  for fmt in formats:
+    signed = bool(fmt.signed)
+    ints += [fmt.bits, fmt.block_size, fmt.code == "dynamic", signed]
+    thresholds, scales = [0.0] * fmt.bits, [0.0] * (fmt.bits - 1)
+    if fmt.code == "dynamic":
+      _, scales, thresholds = _codes._dynamic_parts(fmt.bits, signed)  # pylint: disable=protected-access
+    floats += [*fmt.table.tolist(), *thresholds, *scales]
+  return _i64(slots), _i64(ints), np.asarray(floats or [0.0], np.float32)
+
+
 def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_param: bool,
          mode: str, scale_lr: bool, skip: int, wd_ranges, out_dtypes):
   """One call of the step kernel.
 
   Args:
     scalars: float32 ``(len(SCALARS),)``.
-    leaves: per leaf ``(g, moments, p)`` (``p`` only with ``has_param``).
+    leaves: per leaf ``(g, moments, p)`` (``p`` only with ``has_param``); a
+      moment is an array or a block-wise :class:`jadam._quant.QArray`.
     kind, nesterov, n_moments: the rule.
     has_param: whether each leaf passes ``p``.
     mode: ``"update"`` (the update, in ``out_dtypes``), ``"apply"`` (``p +
@@ -157,35 +188,52 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
     out_dtypes: per leaf, the dtype of its result (``"update"`` mode).
 
   Returns:
-    ``([(out, moments)] per leaf, finite or None)``.
+    ``([(out, moments)] per leaf, finite or None)``: the moments in their
+    formats, updated in place.
   """
   args, outs, aliases = [scalars], [], {}
   for (g, moments, p), dtype in zip(leaves, out_dtypes):
-    at_in, at_out = len(args), len(outs)
-    args += [g, *moments] + ([p] if has_param else [])
     out_dtype = {"apply": p.dtype if p is not None else None,
                  "direction": jnp.float32}.get(mode, dtype)
     outs.append(jax.ShapeDtypeStruct(g.shape, out_dtype))
-    outs += [jax.ShapeDtypeStruct(m.shape, m.dtype) for m in moments]
-    for k in range(n_moments):  # the moments are updated in place
-      aliases[at_in + 1 + k] = at_out + 1 + k
-    if mode == "apply":  # and so are the params
-      aliases[at_in + 1 + n_moments] = at_out
+    args.append(g)
+    for m in moments:  # the moments are updated in place
+      for x in ([m.codes, m.scales[0]] if isinstance(m, _quant.QArray) else [m]):
+        aliases[len(args)] = len(outs)
+        args.append(x)
+        outs.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    if has_param:
+      if mode == "apply":  # and so are the params
+        aliases[len(args)] = len(outs) - 1 - _n_arrays(moments)
+      args.append(p)
   if skip:
     outs.append(jax.ShapeDtypeStruct((), jnp.bool_))
   offsets, flat = [0], []
   for ranges in wd_ranges:
     flat += [x for r in ranges for x in r]
     offsets.append(offsets[-1] + len(ranges))
+  qslots, qint, qfloat = _qformats(leaves, n_moments)
   res = jax.ffi.ffi_call(STEP_TARGET, outs, input_output_aliases=aliases,
                          vmap_method="sequential")(
       *args, kind=np.int64(KINDS[kind]), nesterov=bool(nesterov),
       n_moments=np.int64(n_moments), has_param=bool(has_param), mode=np.int64(MODES[mode]),
       scale_lr=bool(scale_lr), skip=np.int64(skip), wd_offsets=_i64(offsets),
-      wd_ranges=_i64(flat))
-  per = 1 + n_moments
-  pairs = [(res[i * per], tuple(res[i * per + 1:(i + 1) * per])) for i in range(len(leaves))]
-  return pairs, (res[-1] if skip else None)
+      wd_ranges=_i64(flat), qslots=qslots, qint=qint, qfloat=qfloat)
+  res, pairs = iter(res), []
+  for _, moments, _ in leaves:
+    out = next(res)
+    new = []
+    for m in moments:
+      if isinstance(m, _quant.QArray):
+        new.append(_quant.QArray(next(res), (next(res),), m.fmt, m.shape))
+      else:
+        new.append(next(res))
+    pairs.append((out, tuple(new)))
+  return pairs, (next(res) if skip else None)
+
+
+def _n_arrays(moments) -> int:
+  return sum(2 if isinstance(m, _quant.QArray) else 1 for m in moments)
 
 
 def scale(scalars, ratios, leaves, *, apply: bool, scale_lr: bool, seg_ends, out_dtypes):

@@ -9,27 +9,22 @@
 // float32 (-ffp-contract=off). Scalars that depend on the step come in as a
 // float32 array (see jadam/_kernel/_ffi.py for its layout).
 //
-// Leaves are processed in blocks of kBlock elements: inputs of other dtypes
-// are converted into small float32 buffers (in L1), the float32 rule runs on
-// them as one simple vectorizable loop, and outputs are converted back. Work
-// is split in items of kItem elements over the FFI's intra-op thread pool;
-// the calling thread takes items too, so the call finishes even when no pool
-// thread is free.
+// Leaves are processed in blocks of kBlock elements (or of a quantized
+// moment's block size, adam_quant.h): inputs of other dtypes are converted
+// into small float32 buffers (in L1), the float32 rule runs on them as one
+// simple vectorizable loop, and outputs are converted back. Work is split
+// over XLA's intra-op threads (adam_threads.h).
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
+#include "adam_quant.h"
 #include "adam_rule.h"
+#include "adam_threads.h"
 
 namespace ffi = xla::ffi;
 
@@ -37,93 +32,55 @@ namespace {
 
 using namespace jadam;  // NOLINT: the rule and its constants
 
-constexpr int64_t kItem = 1 << 16;
-
-// ------------------------------------------------------------- threads
-
-// Runs f(0) ... f(n - 1) over the pool and the calling thread.
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& f) {
-  const int64_t threads = n > 1 ? std::min<int64_t>(pool.num_threads(), n) : 0;
-  if (threads <= 1) {
-    for (int64_t i = 0; i < n; ++i) f(i);
-    return;
-  }
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-    int64_t n = 0;
-    const std::function<void(int64_t)>* f = nullptr;
-  };
-  auto shared = std::make_shared<Shared>();
-  shared->n = n;
-  shared->f = &f;
-  // A task that starts after all items are taken touches nothing but `shared`.
-  auto work = [shared] {
-    int64_t taken = 0;
-    for (int64_t i; (i = shared->next.fetch_add(1)) < shared->n; ++taken) (*shared->f)(i);
-    if (taken && shared->done.fetch_add(taken) + taken == shared->n) {
-      std::lock_guard<std::mutex> lock(shared->mu);
-      shared->cv.notify_all();
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->done.load() == shared->n; });
-}
-
-// Items of about kItem elements over the concatenation of all leaves; f(leaf,
-// begin, end) gets every piece of a leaf in the item.
-void ForEachPiece(ffi::ThreadPool& pool, const std::vector<int64_t>& sizes,
-                  const std::function<void(size_t, int64_t, int64_t)>& f) {
-  std::vector<int64_t> starts(sizes.size() + 1, 0);
-  for (size_t j = 0; j < sizes.size(); ++j) starts[j + 1] = starts[j] + sizes[j];
-  const int64_t total = starts.back();
-  ParallelFor(pool, (total + kItem - 1) / kItem, [&](int64_t item) {
-    const int64_t lo = item * kItem, hi = std::min(total, lo + kItem);
-    size_t j = std::upper_bound(starts.begin(), starts.end(), lo) - starts.begin() - 1;
-    for (; j < sizes.size() && starts[j] < hi; ++j) {
-      const int64_t b = std::max(lo, starts[j]) - starts[j];
-      const int64_t e = std::min(hi, starts[j + 1]) - starts[j];
-      if (e > b) f(j, b, e);
-    }
-  });
-}
-
 // ------------------------------------------------------------- the step
 
 struct Leaf {
   int64_t n = 0;
+  int64_t block = kBlock;  // elements per block: kBlock, or a larger quantization block
   ffi::AnyBuffer* g = nullptr;
   ffi::AnyBuffer* p = nullptr;
-  ffi::AnyBuffer* m[3] = {nullptr, nullptr, nullptr};
-  void* mo[3] = {nullptr, nullptr, nullptr};
-  ffi::DataType mt[3] = {};
+  Moment m[3];
   void* out = nullptr;
   ffi::DataType ot = ffi::DataType::F32;
 };
 
-bool Supported(ffi::DataType t) {
-  return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16;
-}
+// Per thread: float32 scratch for one block of every operand.
+struct Scratch {
+  alignas(64) float g[kMaxQBlock], m[3][kMaxQBlock], p[kMaxQBlock], d[kMaxQBlock],
+      o[kMaxQBlock];
+  QScratch q;
+};
 
-// Inputs after the scalars, per leaf: g, moments..., [p]. Outputs per leaf:
-// out, moments...; then (with skip) the finite flag. `mode`: 0 update, 1 new
-// params (p + u), 2 direction with weight decay, float32 (LAMB's first pass).
+// Inputs after the scalars, per leaf: g, per moment its buffer (or codes and
+// scales), [p]. Outputs per leaf: out, per moment its buffer (or codes and
+// scales); then (with skip) the finite flag. `mode`: 0 update, 1 new params
+// (p + u), 2 direction with weight decay, float32 (LAMB's first pass).
+// `qslots`: per leaf and moment, the index of its quantized format or -1.
 ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
                     ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t kind,
                     bool nesterov, int64_t n_moments, bool has_param, int64_t mode,
                     bool scale_lr, int64_t skip, ffi::Span<const int64_t> wd_offsets,
-                    ffi::Span<const int64_t> wd_ranges) {
+                    ffi::Span<const int64_t> wd_ranges, ffi::Span<const int64_t> qslots,
+                    ffi::Span<const int64_t> qint, ffi::Span<const float> qfloat) {
   if (scalars.element_count() != kNumScalars) {
     return ffi::Error::InvalidArgument("jadam kernel: wrong number of scalars");
   }
-  const int64_t in_per = 1 + n_moments + (has_param ? 1 : 0), out_per = 1 + n_moments;
-  const size_t n_leaves = args.size() / in_per;
-  if (args.size() != n_leaves * in_per ||
-      rets.size() != n_leaves * out_per + (skip ? 1 : 0) ||
-      wd_offsets.size() != n_leaves + 1) {
+  const size_t n_leaves = wd_offsets.size() - 1;
+  const std::vector<QFormat> formats = ReadFormats(qint, qfloat);
+  size_t n_in = 0, n_out = skip ? 1 : 0;
+  for (size_t j = 0; j < n_leaves; ++j) {
+    n_in += 1 + (has_param ? 1 : 0);
+    n_out += 1;
+    for (int64_t k = 0; k < n_moments; ++k) {
+      const int64_t slot = qslots[j * n_moments + k];
+      if (slot >= static_cast<int64_t>(formats.size())) {
+        return ffi::Error::InvalidArgument("jadam kernel: bad quantized format");
+      }
+      n_in += slot < 0 ? 1 : 2;
+      n_out += slot < 0 ? 1 : 2;
+    }
+  }
+  if (qslots.size() != n_leaves * n_moments || args.size() != n_in || rets.size() != n_out) {
     return ffi::Error::InvalidArgument("jadam kernel: wrong number of buffers");
   }
   std::vector<ffi::AnyBuffer> in_bufs, out_bufs;
@@ -141,24 +98,32 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   }
   std::vector<Leaf> leaves(n_leaves);
   std::vector<int64_t> sizes(n_leaves);
+  std::vector<bool> aligned(n_leaves, false);
+  size_t at_in = 0, at_out = 0;
   for (size_t j = 0; j < n_leaves; ++j) {
     Leaf& L = leaves[j];
-    L.g = &in_bufs[j * in_per];
+    L.g = &in_bufs[at_in++];
     L.n = sizes[j] = static_cast<int64_t>(L.g->element_count());
-    L.p = has_param ? &in_bufs[j * in_per + in_per - 1] : nullptr;
-    ffi::AnyBuffer& o = out_bufs[j * out_per];
+    ffi::AnyBuffer& o = out_bufs[at_out++];
     L.out = o.untyped_data();
     L.ot = o.element_type();
     bool ok = Supported(L.g->element_type()) && Supported(L.ot) &&
-              static_cast<int64_t>(o.element_count()) == L.n &&
-              (L.p == nullptr || Supported(L.p->element_type()));
+              static_cast<int64_t>(o.element_count()) == L.n;
     for (int64_t k = 0; k < n_moments; ++k) {
-      L.m[k] = &in_bufs[j * in_per + 1 + k];
-      L.mt[k] = L.m[k]->element_type();
-      L.mo[k] = out_bufs[j * out_per + 1 + k].untyped_data();
-      ok = ok && Supported(L.mt[k]) && out_bufs[j * out_per + 1 + k].element_type() == L.mt[k] &&
-           static_cast<int64_t>(L.m[k]->element_count()) == L.n;
+      const int64_t slot = qslots[j * n_moments + k];
+      const QFormat* q = slot < 0 ? nullptr : &formats[slot];
+      ffi::AnyBuffer* in = &in_bufs[at_in++];
+      ffi::AnyBuffer& out = out_bufs[at_out++];
+      ffi::AnyBuffer* s_in = q ? &in_bufs[at_in++] : nullptr;
+      ffi::AnyBuffer* s_out = q ? &out_bufs[at_out++] : nullptr;
+      ok = ok && ReadMoment(L.m[k], q, L.n, in, out, s_in, s_out);
+      if (q) {
+        aligned[j] = true;
+        L.block = std::max(L.block, q->block);
+      }
     }
+    L.p = has_param ? &in_bufs[at_in++] : nullptr;
+    ok = ok && (L.p == nullptr || Supported(L.p->element_type()));
     if (mode == 1) ok = ok && L.p != nullptr && L.p->element_type() == L.ot;
     if (mode == 2) ok = ok && L.ot == ffi::DataType::F32;
     if (wd_offsets[j + 1] > wd_offsets[j]) ok = ok && L.p != nullptr;
@@ -180,44 +145,56 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   const float wd = s[kWd], neg_lr = s[kNegLr];
   ForEachPiece(pool, sizes, [&](size_t j, int64_t begin, int64_t end) {
     const Leaf& L = leaves[j];
-    alignas(64) float gb[kBlock], m1b[kBlock], m2b[kBlock], m3b[kBlock], pb[kBlock];
-    alignas(64) float db[kBlock], ob[kBlock];
+    static thread_local Scratch scratch;
+    Scratch& S = scratch;
     const int64_t* wr = wd_ranges.begin() + 2 * wd_offsets[j];
     const int64_t n_wr = wd_offsets[j + 1] - wd_offsets[j];
-    for (int64_t at = begin; at < end; at += kBlock) {
-      const int64_t n = std::min(kBlock, end - at);
+    for (int64_t at = begin; at < end; at += L.block) {
+      const int64_t n = std::min(L.block, end - at);
       // With mode 1 the output is the param, updated in place.
       float* p = nullptr;
       if (mode == 1) {
-        p = InOut(L.p->untyped_data(), L.out, L.ot, at, n, pb);
+        p = InOut(L.p->untyped_data(), L.out, L.ot, at, n, S.p);
       } else if (n_wr > 0) {
-        p = const_cast<float*>(In(L.p->untyped_data(), L.p->element_type(), at, n, pb));
+        p = const_cast<float*>(In(L.p->untyped_data(), L.p->element_type(), at, n, S.p));
       }
       if (!finite) {  // a skipped step: the moments as they are, a zero update
         if (mode == 1) {
           for (int64_t i = 0; i < n; ++i) p[i] = p[i] + 0.0f;
           Flush(p, L.out, L.ot, at, n);
         } else {
-          float* out = Out(L.out, L.ot, at, ob);
+          float* out = Out(L.out, L.ot, at, S.o);
           std::fill(out, out + n, 0.0f);
           Flush(out, L.out, L.ot, at, n);
         }
         continue;
       }
-      const float* g = In(L.g->untyped_data(), L.g->element_type(), at, n, gb);
-      float* m[3] = {m1b, m2b, m3b};
+      const float* g = In(L.g->untyped_data(), L.g->element_type(), at, n, S.g);
+      float* m[3] = {S.m[0], S.m[1], S.m[2]};
       for (int64_t k = 0; k < n_moments; ++k) {
-        m[k] = InOut(L.m[k]->untyped_data(), L.mo[k], L.mt[k], at, n, m[k]);
+        const Moment& M = L.m[k];
+        if (M.q) {
+          Decode(*M.q, M.codes_in, M.scales_in, at, n, m[k]);
+        } else {
+          m[k] = InOut(M.in->untyped_data(), M.out, M.t, at, n, m[k]);
+        }
       }
-      float* d = mode == 2 ? Out(L.out, L.ot, at, ob) : db;
+      float* d = mode == 2 ? Out(L.out, L.ot, at, S.o) : S.d;
       direction(s, g, m[0], m[1], n_moments > 2 ? m[2] : nullptr, d, n);
-      for (int64_t k = 0; k < n_moments; ++k) Flush(m[k], L.mo[k], L.mt[k], at, n);
+      for (int64_t k = 0; k < n_moments; ++k) {
+        const Moment& M = L.m[k];
+        if (M.q) {
+          Encode(*M.q, m[k], at, n, M.codes, M.scales, S.q);
+        } else {
+          Flush(m[k], M.out, M.t, at, n);
+        }
+      }
       for (int64_t r = 0; r < n_wr; ++r) {  // decoupled weight decay, where it applies
         const int64_t lo = std::max(wr[2 * r], at), hi = std::min(wr[2 * r + 1], at + n);
         if (hi > lo) Decay(wd, p, d, lo - at, hi - at);
       }
       if (mode == 0) {
-        float* out = Out(L.out, L.ot, at, ob);
+        float* out = Out(L.out, L.ot, at, S.o);
         FinishUpdate(neg_lr, scale_lr, d, out, n);
         Flush(out, L.out, L.ot, at, n);
       } else if (mode == 1) {
@@ -225,7 +202,7 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
         Flush(p, L.out, L.ot, at, n);
       }
     }
-  });
+  }, &aligned);
   return ffi::Error::Success();
 }
 
@@ -317,7 +294,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamAdamStep, AdamStep,
                                   .Attr<bool>("scale_lr")
                                   .Attr<int64_t>("skip")
                                   .Attr<ffi::Span<const int64_t>>("wd_offsets")
-                                  .Attr<ffi::Span<const int64_t>>("wd_ranges"));
+                                  .Attr<ffi::Span<const int64_t>>("wd_ranges")
+                                  .Attr<ffi::Span<const int64_t>>("qslots")
+                                  .Attr<ffi::Span<const int64_t>>("qint")
+                                  .Attr<ffi::Span<const float>>("qfloat"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamScaleStep, ScaleStep,
                               ffi::Ffi::Bind()

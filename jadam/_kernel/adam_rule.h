@@ -108,6 +108,10 @@ void Flush(const float* v, void* base, ffi::DataType t, int64_t at, int64_t n) {
   if (t != ffi::DataType::F32) Store(v, t, n, static_cast<char*>(base) + at * Width(t));
 }
 
+bool Supported(ffi::DataType t) {
+  return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16;
+}
+
 inline float MaxNan(float a, float b) { return (a > b || a != a) ? a : b; }  // XLA's max
 
 bool IsFinite(const void* base, ffi::DataType t, int64_t at, int64_t n) {

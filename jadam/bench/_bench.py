@@ -83,6 +83,7 @@ IMPLS = (
     "jadam_flat_fused",
     "jadam_tree_q8",
     "jadam_flat_q8",
+    "jadam_flat_q8_fused",
     "torch_fused",
     "torch_foreach",
     "optax_sgd",
@@ -102,8 +103,11 @@ IMPL_HELP = {
                          "kernel='auto' runs on CPU)"),
     "jadam_tree_q8": ("jadam.adam(mu_dtype='q8', nu_dtype='q8') (tree layout; 8-bit "
                       "block-wise moments, float32 under 4096 elements) + optax.apply_updates"),
-    "jadam_flat_q8": ("jadam.step with q8 moments on packed params/grads/state, in the "
-                      "buffers of the q8 layout='flat' state (flat end to end)"),
+    "jadam_flat_q8": ("jadam.step(kernel='xla') with q8 moments on packed params/grads/"
+                      "state, in the buffers of the q8 layout='flat' state (flat end to end, "
+                      "XLA's ops)"),
+    "jadam_flat_q8_fused": ("the same with kernel='fused': decoded, updated and encoded in "
+                            "one pass (what kernel='auto' runs on CPU)"),
     "torch_fused": "torch.optim.Adam(fused=True)",
     "torch_foreach": "torch.optim.Adam(foreach=True)",
     "optax_sgd": ("reference, not Adam: optax.sgd + optax.apply_updates, the cheapest "

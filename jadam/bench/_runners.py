@@ -306,14 +306,15 @@ def build_optimizer_runners(case: Case, impls, device, jax_device) -> tuple[dict
       tx = quantized_adam()
       p = _copy(params)
       runners[impl] = JaxRunner(_optimizer_step(tx), (p, tx.init(p), grads))
-    elif impl == "jadam_flat_q8":
+    elif impl in ("jadam_flat_q8", "jadam_flat_q8_fused"):
       # Flat end to end like jadam_flat (jadam.step), in the buffers of the
       # q8 flat layout (a buffer per quantized leaf).
       layout = quantized_flat_layout(params)
       packed = jax.jit(layout.pack)(params)
       state = jadam.init(packed, mu_dtype=QUANTIZED, nu_dtype=QUANTIZED)
       runners[impl] = JaxRunner(
-          _flat_step(), (packed, state, jax.jit(layout.pack)(grads)), unpack=layout.unpack)
+          _flat_step("fused" if impl.endswith("_fused") else "xla"),
+          (packed, state, jax.jit(layout.pack)(grads)), unpack=layout.unpack)
     elif impl == "optax_sgd":
       tx = optax.sgd(LEARNING_RATE)
       p = _copy(params)
