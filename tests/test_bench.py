@@ -27,8 +27,14 @@ JAX_IMPLS = ["optax", "jadam_tree", "jadam_flat_tree_io", "jadam_flat"]  # float
 FUSED_IMPLS = (["jadam_tree_fused", "jadam_step_fused", "jadam_flat_fused"]
                if jadam._kernel.available() else [])
 FLAT_IMPLS = ["jadam_flat_tree_io", "jadam_flat", "jadam_flat_fused"]
-Q8_IMPLS = ["jadam_tree_q8", "jadam_flat_q8"] + (
-    ["jadam_flat_q8_fused"] if jadam._kernel.available() else [])
+# The q8 rows: the two that run everywhere (the train case's too), then the
+# kernel's. jadam_tree_q8 is the default (kernel="auto"): the kernel where it
+# builds (quantized moments), else XLA's ops.
+Q8_BASE = ["jadam_tree_q8", "jadam_flat_q8"]
+Q8_IMPLS = [i for i in _bench.IMPLS if i in Q8_BASE or (
+    jadam._kernel.available() and i in ("jadam_tree_q8_fused", "jadam_flat_q8_fused"))]
+# The flat row that computes as the default tree row does.
+FLAT_Q8_LIKE_TREE = "jadam_flat_q8_fused" if jadam._kernel.available() else "jadam_flat_q8"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,7 @@ def test_quick_json_records(quick_run):
     got = [r["impl"] for r in records if r["case"] == case]
     jax_impls = JAX_IMPLS if case == "e" else [
         i for i in _bench.IMPLS if i in JAX_IMPLS + FUSED_IMPLS]
-    q8 = Q8_IMPLS[:2] if case == "e" else Q8_IMPLS  # the train case runs no kernel row
+    q8 = Q8_BASE if case == "e" else Q8_IMPLS  # the train case runs no kernel row
     want = jax_impls + q8 + ([] if case == "e" else
                                    (["torch_fused", "torch_foreach"] if torch else [])
                                    + ["optax_sgd"])
@@ -164,7 +170,7 @@ def test_quick_q8_rows_vs_optax(quick_run):
   by = {(r["case"], r["impl"]): r for r in records}
   for case in _bench.CASES:
     optax_row = by[case, "optax"]
-    for impl in Q8_IMPLS[:2] if case == "e" else Q8_IMPLS:
+    for impl in Q8_BASE if case == "e" else Q8_IMPLS:
       r = by[case, impl]
       assert r["diff_steps"] == optax_row["diff_steps"] and r["n_params"] == optax_row["n_params"]
       a, rel = _diff(r)
@@ -178,8 +184,9 @@ def test_quick_q8_rows_vs_optax(quick_run):
   for case in ("c", "e"):
     assert _diff(by[case, "jadam_tree_q8"]) == (0.0, 0.0)
     assert by[case, "jadam_tree_q8"]["state_bytes"] == by[case, "optax"]["state_bytes"]
-  # One leaf: the flat row quantizes it in the tree row's blocks.
-  assert _diff(by["a", "jadam_flat_q8"]) == _diff(by["a", "jadam_tree_q8"])
+  # One leaf: the flat row quantizes it in the tree row's blocks (the flat
+  # row that runs the default's path: the kernel where it builds).
+  assert _diff(by["a", FLAT_Q8_LIKE_TREE]) == _diff(by["a", "jadam_tree_q8"])
 
 
 def _abstract_bytes(tree) -> int:
@@ -218,19 +225,21 @@ def test_quick_q8_state_bytes_are_the_arrays(quick_run, case):
 
 
 def test_q8_rows_tree_and_flat_agree_on_quantized_leaves():
-  """The bench's two q8 rows on case (b) (quick), 10 steps: every leaf with
-  quantized moments (>= 4096 elements) reaches the same params bit for bit in
-  both (the flat layout gives it a buffer of its own, quantized in the tree
-  layout's blocks); the small leaves keep float32 moments: the tree row's are
-  optax's bit for bit, the flat row's differ by the flat layout's float32 ulps
-  (see test_quick_flat_rows_bit_identical_to_optax)."""
+  """The default q8 row and the flat q8 row that runs its path (the kernel
+  where it builds, else XLA's ops) on case (b) (quick), 10 steps: every leaf
+  with quantized moments (>= 4096 elements) reaches the same params bit for
+  bit in both (the flat layout gives it a buffer of its own, quantized in the
+  tree layout's blocks); the small leaves keep float32 moments: without the
+  kernel the tree row's are optax's bit for bit; the kernel's, and the flat
+  row's, differ from optax by float32 ulps (see
+  test_quick_flat_rows_bit_identical_to_optax)."""
   case = _runners.make_cases(True, "cpu")["b"]
-  runners, _, _ = _runners.build_optimizer_runners(
-      case, ["optax"] + Q8_IMPLS[:2], "cpu", jax.devices("cpu")[0])
+  rows = ["optax", "jadam_tree_q8", FLAT_Q8_LIKE_TREE]
+  runners, _, _ = _runners.build_optimizer_runners(case, rows, "cpu", jax.devices("cpu")[0])
   for _ in range(10):
     for r in runners.values():
       r.step()
-  ref, tree, flat = (runners[k].params() for k in ["optax"] + Q8_IMPLS[:2])
+  ref, tree, flat = (runners[k].params() for k in rows)
   big = [math.prod(s) >= 4096 for s in case.shapes]
   assert 0 < sum(big) < len(big)
   for i, (o, t, f) in enumerate(zip(ref, tree, flat)):
@@ -238,11 +247,13 @@ def test_q8_rows_tree_and_flat_agree_on_quantized_leaves():
       np.testing.assert_array_equal(np.asarray(f), np.asarray(t), err_msg=str(i))
       assert not np.array_equal(np.asarray(t), np.asarray(o)), i
     else:
-      np.testing.assert_array_equal(np.asarray(t), np.asarray(o), err_msg=str(i))
+      if not jadam._kernel.available():
+        np.testing.assert_array_equal(np.asarray(t), np.asarray(o), err_msg=str(i))
       # ulps of float32 Adam steps of size lr; quantized moments would be off by
       # about lr after 10 steps (test_quick_q8_rows_vs_optax: 1e-2 here).
-      np.testing.assert_allclose(np.asarray(f), np.asarray(o), rtol=0, atol=1e-6,
-                                 err_msg=str(i))
+      for x in (t, f):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(o), rtol=0, atol=1e-6,
+                                   err_msg=str(i))
   for r in runners.values():
     r.close()
 

@@ -263,3 +263,17 @@ def test_zero2_slices_with_q8_moments_run_the_kernel():
               == int(optax.tree_utils.tree_get(before, "count")) == 2)
     p, s = px, sx
   assert int(optax.tree_utils.tree_get(s, "count")) == 3
+
+
+def test_auto_runs_the_kernel_for_quantized_drop_in_updates(monkeypatch):
+  """Unset $JADAM_KERNEL: the optax drop-in's update runs the kernel when a
+  moment is quantized (XLA's decode and encode are the slower path there),
+  XLA's ops when none is (a leaf under min_quantized_size keeps float32
+  moments), and never with JADAM_KERNEL=xla."""
+  monkeypatch.delenv("JADAM_KERNEL", raising=False)
+  big, small = {"w": jnp.ones((64, 80))}, {"w": jnp.ones((64,))}
+  q8 = jadam.adam(1e-3, mu_dtype="q8", nu_dtype="q8")
+  assert custom_calls(q8.update, big, q8.init(big), big) == 1
+  assert custom_calls(q8.update, small, q8.init(small), small) == 0
+  monkeypatch.setenv("JADAM_KERNEL", "xla")  # read when a step is traced: a new function
+  assert custom_calls(lambda *a: q8.update(*a), big, q8.init(big), big) == 0

@@ -28,7 +28,7 @@ Which path runs (``kernel=`` of every optimizer, :attr:`jadam._rule.Rule.kernel`
   replicated, so its operands are gathered).
 * ``"xla"``: always the XLA ops.
 * ``"auto"`` (default): what :data:`AUTO` says (the kernel for in-place steps,
-  ``jadam.step``), or ``$JADAM_KERNEL`` (read when a step is traced); where
+  ``jadam.step``, and for steps with quantized moments), or ``$JADAM_KERNEL`` (read when a step is traced); where
   the kernel cannot run, the XLA ops, without an error.
 
 The kernel computes every operation of the rule rounded to float32, in the
@@ -76,7 +76,9 @@ AUTO = "inplace"
   faster (BENCHMARKS.md); XLA's ops for the updates that the optax drop-in
   (``jadam.adam(...).update``) returns, where the kernel would write a fresh
   buffer that XLA's fused ``p + u`` does not need (about 2x slower), and
-  which stay bit-identical to optax;
+  which stay bit-identical to optax; but the kernel for those too when a
+  moment is quantized (q8: XLA's decode and encode make that step about 2x
+  slower than the kernel's, and no quantized step is optax's bits anyway);
 * ``"fused"``: the kernel wherever it can run;
 * ``"xla"``: never.
 
@@ -154,7 +156,7 @@ def _use_kernel(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply, for_mesh) -> b
     mode = effective_rule(rule).kernel
   if mode == "xla" or not chunks:
     return False
-  if mode == "auto" and apply is None:
+  if mode == "auto" and apply is None and not _quantized(chunks):
     return False  # updates returned to the caller: XLA fuses them into p + u
   why = "a flat layout packed for a mesh" if for_mesh else unsupported(rule, hp, chunks, apply)
   if why is None and mode != "fused" and on_gspmd_mesh(chunks):
@@ -165,6 +167,10 @@ def _use_kernel(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply, for_mesh) -> b
     raise ValueError(f"kernel='fused' cannot run this step: {why} (use kernel='auto', "
                      "which runs such steps as XLA ops)")
   return why is None
+
+
+def _quantized(chunks) -> bool:
+  return any(isinstance(m, _quant.QArray) for c in chunks for m in c.moments)
 
 
 def on_gspmd_mesh(chunks) -> bool:

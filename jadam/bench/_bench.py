@@ -82,6 +82,7 @@ IMPLS = (
     "jadam_flat",
     "jadam_flat_fused",
     "jadam_tree_q8",
+    "jadam_tree_q8_fused",
     "jadam_flat_q8",
     "jadam_flat_q8_fused",
     "torch_fused",
@@ -103,6 +104,8 @@ IMPL_HELP = {
                          "kernel='auto' runs on CPU)"),
     "jadam_tree_q8": ("jadam.adam(mu_dtype='q8', nu_dtype='q8') (tree layout; 8-bit "
                       "block-wise moments, float32 under 4096 elements) + optax.apply_updates"),
+    "jadam_tree_q8_fused": ("the same with kernel='fused' (codes decoded, updated and "
+                            "encoded in the kernel's one pass) + optax.apply_updates"),
     "jadam_flat_q8": ("jadam.step(kernel='xla') with q8 moments on packed params/grads/"
                       "state, in the buffers of the q8 layout='flat' state (flat end to end, "
                       "XLA's ops)"),

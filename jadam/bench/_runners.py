@@ -243,10 +243,11 @@ QUANTIZED = "q8"
 """The moment format of the ``*_q8`` rows (``mu_dtype`` and ``nu_dtype``)."""
 
 
-def quantized_adam(layout: str = "tree"):
+def quantized_adam(layout: str = "tree", kernel: str = "auto"):
   """``jadam.adam`` with both moments 8-bit block-wise (leaves under 4096
   elements keep float32 moments)."""
-  return jadam.adam(LEARNING_RATE, mu_dtype=QUANTIZED, nu_dtype=QUANTIZED, layout=layout)
+  return jadam.adam(LEARNING_RATE, mu_dtype=QUANTIZED, nu_dtype=QUANTIZED, layout=layout,
+                    kernel=kernel)
 
 
 def quantized_flat_layout(params) -> FlatLayout:
@@ -302,8 +303,8 @@ def build_optimizer_runners(case: Case, impls, device, jax_device) -> tuple[dict
           _flat_step("fused" if impl.endswith("_fused") else "xla"),
           (packed, jadam.init(packed), jax.jit(layout.pack)(grads)), unpack=layout.unpack,
       )
-    elif impl == "jadam_tree_q8":
-      tx = quantized_adam()
+    elif impl in ("jadam_tree_q8", "jadam_tree_q8_fused"):
+      tx = quantized_adam(kernel="fused" if impl.endswith("_fused") else "auto")
       p = _copy(params)
       runners[impl] = JaxRunner(_optimizer_step(tx), (p, tx.init(p), grads))
     elif impl in ("jadam_flat_q8", "jadam_flat_q8_fused"):
