@@ -11,7 +11,9 @@ Prints, per form, the median of 20 donated calls and the seconds spent
 tracing, lowering and compiling: a jitted identity over params, moments and
 gradients (no arithmetic), a donated ``p + g`` over them, ``optax.adam`` with
 ``optax.apply_updates``, and ``jadam.step`` (on CPU its default is the fused
-kernel).
+kernel). Then optax and jadam again, 20 steps inside one jitted
+``fori_loop``: the time per step without the per-array dispatch, as when
+the update is part of a jitted training step.
 """
 
 from __future__ import annotations
@@ -60,6 +62,27 @@ def measure(name, fn, args, donate):
         f"lower {t2 - t1:5.2f} s  compile {t3 - t2:6.2f} s", flush=True)
 
 
+def measure_loop(name, one_step, args, steps=20):
+  """``steps`` steps inside one jitted ``fori_loop`` (gradients an argument):
+  the update's own cost per step, without JAX's per-array dispatch (as inside
+  a jitted training step)."""
+  def many(p, s, g):
+    return jax.lax.fori_loop(0, steps, lambda _, c: one_step(c[0], c[1], g), (p, s))
+  jitted = jax.jit(many, donate_argnums=(0, 1))
+  t0 = time.perf_counter()
+  jitted.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  args, times = list(args), []
+  for i in range(8):
+    start = time.perf_counter()
+    args[0], args[1] = jitted(*args)
+    jax.block_until_ready(args[0])
+    if i >= 2:
+      times.append(time.perf_counter() - start)
+  print(f"{name + ' in a loop':34s} step {1e3 * np.median(times) / steps:7.2f} ms   "
+        f"(trace + lower + compile of the {steps}-step loop {compile_s:6.2f} s)", flush=True)
+
+
 def run(form: str):
   g = tree(1e-3)
   if form == "identity":
@@ -68,7 +91,7 @@ def run(form: str):
   elif form == "add":
     measure("donated p + g", lambda p, m, v, g: (jax.tree.map(jnp.add, p, g), m, v),
             (tree(0.01), tree(0.0), tree(0.0), g), donate=(0, 1, 2))
-  elif form == "optax":
+  elif form.startswith("optax"):
     tx = optax.adam(1e-3)
 
     def optax_step(p, s, g):
@@ -76,16 +99,26 @@ def run(form: str):
       return optax.apply_updates(p, u), s
 
     p = tree(0.01)
-    measure("optax.adam + apply_updates", optax_step, (p, tx.init(p), g), donate=(0, 1))
+    if form.endswith(":loop"):
+      measure_loop("optax.adam + apply_updates", optax_step, (p, tx.init(p), g))
+    else:
+      measure("optax.adam + apply_updates", optax_step, (p, tx.init(p), g), donate=(0, 1))
   else:
     kernel = form.split(":")[1]
     p = tree(0.01)
-    measure(f"jadam.step(kernel={kernel!r})",
-            lambda p, s, g: jadam.step(g, s, p, learning_rate=1e-3, kernel=kernel),
-            (p, jadam.init(p), g), donate=(0, 1))
+
+    def jadam_step(p, s, g):
+      return jadam.step(g, s, p, learning_rate=1e-3, kernel=kernel)
+
+    if form.endswith(":loop"):
+      measure_loop(f"jadam.step(kernel={kernel!r})", jadam_step, (p, jadam.init(p), g))
+    else:
+      measure(f"jadam.step(kernel={kernel!r})", jadam_step, (p, jadam.init(p), g),
+              donate=(0, 1))
 
 
-FORMS = ("identity", "add", "optax", "jadam:auto", "jadam:xla")
+FORMS = ("identity", "add", "optax", "jadam:auto", "jadam:xla", "optax:loop",
+         "jadam:auto:loop", "jadam:xla:loop")
 
 
 def main():

@@ -31,8 +31,8 @@ FLAT_IMPLS = ["jadam_flat_tree_io", "jadam_flat", "jadam_flat_fused"]
 # kernel's. jadam_tree_q8 is the default (kernel="auto"): the kernel where it
 # builds (quantized moments), else XLA's ops.
 Q8_BASE = ["jadam_tree_q8", "jadam_flat_q8"]
-Q8_IMPLS = [i for i in _bench.IMPLS if i in Q8_BASE or (
-    jadam._kernel.available() and i in ("jadam_tree_q8_fused", "jadam_flat_q8_fused"))]
+Q8_IMPLS = [i for i in _bench.IMPLS if i in Q8_BASE + ["jadam_tree_q8_xla"] or (
+    jadam._kernel.available() and i == "jadam_flat_q8_fused")]
 # The flat row that computes as the default tree row does.
 FLAT_Q8_LIKE_TREE = "jadam_flat_q8_fused" if jadam._kernel.available() else "jadam_flat_q8"
 
@@ -54,7 +54,7 @@ def test_quick_json_records(quick_run):
     got = [r["impl"] for r in records if r["case"] == case]
     jax_impls = JAX_IMPLS if case == "e" else [
         i for i in _bench.IMPLS if i in JAX_IMPLS + FUSED_IMPLS]
-    q8 = Q8_BASE if case == "e" else Q8_IMPLS  # the train case runs no kernel row
+    q8 = Q8_BASE if case == "e" else Q8_IMPLS  # the train case runs the two default rows
     want = jax_impls + q8 + ([] if case == "e" else
                                    (["torch_fused", "torch_foreach"] if torch else [])
                                    + ["optax_sgd"])
@@ -187,6 +187,7 @@ def test_quick_q8_rows_vs_optax(quick_run):
   # One leaf: the flat row quantizes it in the tree row's blocks (the flat
   # row that runs the default's path: the kernel where it builds).
   assert _diff(by["a", FLAT_Q8_LIKE_TREE]) == _diff(by["a", "jadam_tree_q8"])
+  assert _diff(by["a", "jadam_flat_q8"]) == _diff(by["a", "jadam_tree_q8_xla"])
 
 
 def _abstract_bytes(tree) -> int:

@@ -82,7 +82,7 @@ IMPLS = (
     "jadam_flat",
     "jadam_flat_fused",
     "jadam_tree_q8",
-    "jadam_tree_q8_fused",
+    "jadam_tree_q8_xla",
     "jadam_flat_q8",
     "jadam_flat_q8_fused",
     "torch_fused",
@@ -104,8 +104,8 @@ IMPL_HELP = {
                          "kernel='auto' runs on CPU)"),
     "jadam_tree_q8": ("jadam.adam(mu_dtype='q8', nu_dtype='q8') (tree layout; 8-bit "
                       "block-wise moments, float32 under 4096 elements) + optax.apply_updates"),
-    "jadam_tree_q8_fused": ("the same with kernel='fused' (codes decoded, updated and "
-                            "encoded in the kernel's one pass) + optax.apply_updates"),
+    "jadam_tree_q8_xla": ("the same with kernel='xla' (XLA's decode, update and encode; "
+                          "the default runs the kernel where it builds)"),
     "jadam_flat_q8": ("jadam.step(kernel='xla') with q8 moments on packed params/grads/"
                       "state, in the buffers of the q8 layout='flat' state (flat end to end, "
                       "XLA's ops)"),

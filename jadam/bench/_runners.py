@@ -303,8 +303,8 @@ def build_optimizer_runners(case: Case, impls, device, jax_device) -> tuple[dict
           _flat_step("fused" if impl.endswith("_fused") else "xla"),
           (packed, jadam.init(packed), jax.jit(layout.pack)(grads)), unpack=layout.unpack,
       )
-    elif impl in ("jadam_tree_q8", "jadam_tree_q8_fused"):
-      tx = quantized_adam(kernel="fused" if impl.endswith("_fused") else "auto")
+    elif impl in ("jadam_tree_q8", "jadam_tree_q8_xla"):
+      tx = quantized_adam(kernel="xla" if impl.endswith("_xla") else "auto")
       p = _copy(params)
       runners[impl] = JaxRunner(_optimizer_step(tx), (p, tx.init(p), grads))
     elif impl in ("jadam_flat_q8", "jadam_flat_q8_fused"):
