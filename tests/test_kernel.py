@@ -272,6 +272,26 @@ NP_RULES = {
 }
 
 
+def whole_leaf_kernel_step(rule, hp, decay, apply, out_dtypes):
+  """A jitted ``(count, grads, moments, params) -> (scalars, count, results)``:
+  one kernel call over whole-leaf chunks (``moments[k][i]``: moment k of leaf
+  i), with the float32 scalars the kernel got, for a NumPy reference to use."""
+
+  @jax.jit
+  def kernel_step(count, grads, moments, params):
+    chunks = [_update.Chunk(g, tuple(m[i] for m in moments), p, _segments.WHOLE, (d,))
+              for i, (g, p, d) in enumerate(zip(grads, params, decay))]
+    hp_t, _, scalars = _update.step_inputs(rule, hp, count)
+    # pylint: disable-next=protected-access
+    vector = _kernel._scalar_vector(hp_t, scalars, use_wd=True, scale_lr=True)
+    new_count, results, _ = _kernel.update_and_finish(
+        rule, hp, count, chunks, use_wd=True, scale_lr=True, apply="fused" if apply else None,
+        out_dtypes=out_dtypes)
+    return vector, new_count, results
+
+  return kernel_step
+
+
 @pytest.mark.parametrize("apply", [False, True])
 @pytest.mark.parametrize("name", list(NP_RULES))
 def test_bit_identical_to_a_numpy_float32_reference(name, apply):
@@ -290,17 +310,7 @@ def test_bit_identical_to_a_numpy_float32_reference(name, apply):
              for _ in rule.moment_names]
   out_dtypes = [p.dtype if apply else jnp.float32 for p in params]
 
-  @jax.jit
-  def kernel_step(count, grads, moments, params):
-    chunks = [_update.Chunk(g, tuple(m[i] for m in moments), p, _segments.WHOLE, (d,))
-              for i, (g, p, d) in enumerate(zip(grads, params, decay))]
-    hp_t, _, scalars = _update.step_inputs(rule, hp, count)
-    # pylint: disable-next=protected-access
-    vector = _kernel._scalar_vector(hp_t, scalars, use_wd=True, scale_lr=True)
-    new_count, results, _ = _kernel.update_and_finish(
-        rule, hp, count, chunks, use_wd=True, scale_lr=True, apply="fused" if apply else None,
-        out_dtypes=out_dtypes)
-    return vector, new_count, results
+  kernel_step = whole_leaf_kernel_step(rule, hp, decay, apply, out_dtypes)
 
   count = jnp.asarray(0, jnp.int32)
   for _ in range(8):
@@ -374,7 +384,17 @@ def test_auto_runs_xla_on_a_gspmd_mesh(monkeypatch):
 # ------------------------------------------------ ZeRO's slice update
 
 
-def _regression_loss(params, batch):
+def regression_problem():
+  """``(params, x, y, mesh)``: a small tanh regression over all devices."""
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(16, 33)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(33,)), jnp.float32)}
+  x = jnp.asarray(rng.normal(size=(16, 16)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
+  return params, x, y, jax.make_mesh((jax.device_count(),), ("data",))
+
+
+def regression_loss(params, batch):
   x, y = batch
   return jnp.mean((jnp.tanh(x @ params["w"] + params["b"]).sum(-1) - y) ** 2)
 
@@ -385,16 +405,11 @@ def test_zero_slice_update_runs_the_kernel(strategy):
   the strategy's shard_map; a NaN batch is skipped on every device (the flag
   reduced with the loss); results agree with the XLA path."""
   from jadam import parallel  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(0)
-  params = {"w": jnp.asarray(rng.normal(size=(16, 33)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(33,)), jnp.float32)}
-  x = jnp.asarray(rng.normal(size=(16, 16)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  params, x, y, mesh = regression_problem()
   runs = {}
   for kernel in ("fused", "xla"):
     tx = jadam.adamw(1e-2, weight_decay=0.1, skip_nonfinite=True, kernel=kernel)
-    trainer = parallel.DataParallel(_regression_loss, tx, mesh, strategy=strategy)
+    trainer = parallel.DataParallel(regression_loss, tx, mesh, strategy=strategy)
     p, s = trainer.init(params)
     calls = len(re.findall(r"custom-call\(", trainer.lower(p, s, (x, y)).compile().as_text()))
     assert calls == (1 if kernel == "fused" else 0)
@@ -405,7 +420,7 @@ def test_zero_slice_update_runs_the_kernel(strategy):
                               **CLOSE)
   assert int(optax.tree_utils.tree_get(runs["fused"][1], "count")) == 3  # one step skipped
   masked = jadam.adamw(1e-2, weight_decay=0.1, mask={"w": True, "b": False}, kernel="fused")
-  trainer = parallel.DataParallel(_regression_loss, masked, mesh, strategy=strategy)
+  trainer = parallel.DataParallel(regression_loss, masked, mesh, strategy=strategy)
   p, s = trainer.init(params)
   with pytest.raises(ValueError, match="weight decay mask"):
     trainer.step(p, s, (x, y))

@@ -17,6 +17,7 @@ from jadam import _kernel, _quant, _rule, _segments, _update
 from jadam._kernel import _ffi
 import _np_adam
 import _np_quant
+from test_kernel import regression_loss, regression_problem, whole_leaf_kernel_step
 
 pytestmark = pytest.mark.skipif(not _kernel.available(),
                                 reason="the fused kernel is not built here (no C++ compiler)")
@@ -68,17 +69,7 @@ def test_bit_identical_to_a_numpy_float32_reference(fmt, name, apply):
              for k in range(len(rule.moment_names))]
   out_dtypes = [jnp.float32] * len(sizes)
 
-  @jax.jit
-  def kernel_step(count, grads, moments, params):
-    chunks = [_update.Chunk(g, tuple(m[i] for m in moments), p, _segments.WHOLE, (d,))
-              for i, (g, p, d) in enumerate(zip(grads, params, decay))]
-    hp_t, _, scalars = _update.step_inputs(rule, hp, count)
-    # pylint: disable-next=protected-access
-    vector = _kernel._scalar_vector(hp_t, scalars, use_wd=True, scale_lr=True)
-    new_count, results, _ = _kernel.update_and_finish(
-        rule, hp, count, chunks, use_wd=True, scale_lr=True, apply="fused" if apply else None,
-        out_dtypes=out_dtypes)
-    return vector, new_count, results
+  kernel_step = whole_leaf_kernel_step(rule, hp, decay, apply, out_dtypes)
 
   def as_np(m, n):
     if isinstance(m, _quant.QArray):
@@ -216,11 +207,6 @@ def test_rank1_moments_stay_on_the_xla_path(monkeypatch):
     forced.update(matrix, forced.init(matrix), matrix)
 
 
-def _regression_loss(params, batch):
-  x, y = batch
-  return jnp.mean((jnp.tanh(x @ params["w"] + params["b"]).sum(-1) - y) ** 2)
-
-
 def test_zero2_slices_with_q8_moments_run_the_kernel():
   """zero2 on 8 devices with 8-bit moments (blocks of 16, every leaf
   quantized): each device's slice of codes and scales goes through the
@@ -228,18 +214,13 @@ def test_zero2_slices_with_q8_moments_run_the_kernel():
   batch (teacher-forced) the XLA path's params to float32 rounding and
   codes to within one."""
   from jadam import parallel  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(0)
-  params = {"w": jnp.asarray(rng.normal(size=(16, 33)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(33,)), jnp.float32)}
-  x = jnp.asarray(rng.normal(size=(16, 16)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  params, x, y, mesh = regression_problem()
   fmt = jadam.Quantized(bits=8, block_size=16, min_quantized_size=0)
   trainers = {}
   for kernel in ("fused", "xla"):
     tx = jadam.adamw(1e-2, weight_decay=0.1, mu_dtype=fmt, nu_dtype=fmt, skip_nonfinite=True,
                      kernel=kernel)
-    trainers[kernel] = parallel.DataParallel(_regression_loss, tx, mesh, strategy="zero2")
+    trainers[kernel] = parallel.DataParallel(regression_loss, tx, mesh, strategy="zero2")
   p, s = trainers["xla"].init(params)
   assert assert_states_agree(s, s) > 0  # quantized moments in the slices
   for kernel, want in (("fused", 1), ("xla", 0)):
