@@ -28,8 +28,9 @@ Which path runs (``kernel=`` of every optimizer, :attr:`jadam._rule.Rule.kernel`
   replicated, so its operands are gathered).
 * ``"xla"``: always the XLA ops.
 * ``"auto"`` (default): what :data:`AUTO` says (the kernel for in-place steps,
-  ``jadam.step``, and for steps with quantized moments), or ``$JADAM_KERNEL`` (read when a step is traced); where
-  the kernel cannot run, the XLA ops, without an error.
+  ``jadam.step``, and for steps with quantized moments), or ``$JADAM_KERNEL``
+  (read when a step is traced); where the kernel cannot run, the XLA ops,
+  without an error.
 
 The kernel computes every operation of the rule rounded to float32, in the
 rule's order: bit for bit what NumPy computes in float32
