@@ -67,6 +67,10 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   }
   const size_t n_leaves = wd_offsets.size() - 1;
   const std::vector<QFormat> formats = ReadFormats(qint, qfloat);
+  if (wd_offsets.size() == 0 || qslots.size() != n_leaves * n_moments || n_moments > 3 ||
+      (formats.empty() && qint.size() > 1)) {
+    return ffi::Error::InvalidArgument("jadam kernel: bad attributes");
+  }
   size_t n_in = 0, n_out = skip ? 1 : 0;
   for (size_t j = 0; j < n_leaves; ++j) {
     n_in += 1 + (has_param ? 1 : 0);
@@ -80,7 +84,7 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
       n_out += slot < 0 ? 1 : 2;
     }
   }
-  if (qslots.size() != n_leaves * n_moments || args.size() != n_in || rets.size() != n_out) {
+  if (args.size() != n_in || rets.size() != n_out) {
     return ffi::Error::InvalidArgument("jadam kernel: wrong number of buffers");
   }
   std::vector<ffi::AnyBuffer> in_bufs, out_bufs;

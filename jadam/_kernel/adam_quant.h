@@ -208,6 +208,8 @@ struct Moment {
 // The formats of quantized moments: per format, ints (bits, block size,
 // dynamic, signed) and floats (the table, then the dynamic map's thresholds
 // and decade scales), laid out as _ffi.py's _qformats writes them.
+// Empty where the attributes do not describe whole formats (the handler
+// then refuses any quantized slot).
 std::vector<QFormat> ReadFormats(ffi::Span<const int64_t> qint, ffi::Span<const float> qfloat) {
   std::vector<QFormat> out(qint.size() / 4);
   const float* at = qfloat.begin();
@@ -217,6 +219,11 @@ std::vector<QFormat> ReadFormats(ffi::Span<const int64_t> qint, ffi::Span<const 
     f.block = qint[4 * i + 1];
     f.dynamic = qint[4 * i + 2] != 0;
     f.is_signed = qint[4 * i + 3] != 0;
+    const bool block_ok = f.block >= 16 && f.block <= kMaxQBlock && (f.block & (f.block - 1)) == 0;
+    if ((f.bits != 4 && f.bits != 8) || !block_ok ||
+        qfloat.end() - at < (int64_t{1} << f.bits) + 2 * f.bits - 1) {
+      return {};
+    }
     f.table = at;
     f.thresh = at + (int64_t{1} << f.bits);
     f.scale = f.thresh + f.bits;
