@@ -198,16 +198,17 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
   for (g, moments, p), dtype in zip(leaves, out_dtypes):
     out_dtype = {"apply": p.dtype if p is not None else None,
                  "direction": jnp.float32}.get(mode, dtype)
+    at_out = len(outs)
     outs.append(jax.ShapeDtypeStruct(g.shape, out_dtype))
     args.append(g)
-    for m in moments:  # the moments are updated in place
-      for x in ([m.codes, m.scales[0]] if isinstance(m, _quant.QArray) else [m]):
-        aliases[len(args)] = len(outs)
-        args.append(x)
-        outs.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    # The moments are updated in place: an array, or a QArray's codes and scales.
+    for x in jax.tree.leaves(tuple(moments)):
+      aliases[len(args)] = len(outs)
+      args.append(x)
+      outs.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
     if has_param:
       if mode == "apply":  # and so are the params
-        aliases[len(args)] = len(outs) - 1 - _n_arrays(moments)
+        aliases[len(args)] = at_out
       args.append(p)
   if skip:
     outs.append(jax.ShapeDtypeStruct((), jnp.bool_))
@@ -225,18 +226,9 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
   res, pairs = iter(res), []
   for _, moments, _ in leaves:
     out = next(res)
-    new = []
-    for m in moments:
-      if isinstance(m, _quant.QArray):
-        new.append(_quant.QArray(next(res), (next(res),), m.fmt, m.shape))
-      else:
-        new.append(next(res))
-    pairs.append((out, tuple(new)))
+    parts, treedef = jax.tree.flatten(tuple(moments))
+    pairs.append((out, jax.tree.unflatten(treedef, [next(res) for _ in parts])))
   return pairs, (next(res) if skip else None)
-
-
-def _n_arrays(moments) -> int:
-  return sum(2 if isinstance(m, _quant.QArray) else 1 for m in moments)
 
 
 def scale(scalars, ratios, leaves, *, apply: bool, scale_lr: bool, seg_ends, out_dtypes):
