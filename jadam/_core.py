@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _kernel
+from . import _master
 from . import _quant
 from . import _rule
 from . import _segments
@@ -167,7 +168,7 @@ def _tree_body(static, hp, grads, state, params):
 # ---------------------------------------------------------------- public API
 
 
-def init(params, *, mu_dtype=None, nu_dtype=None) -> AdamState:
+def init(params, *, mu_dtype=None, nu_dtype=None, master_weights=None) -> AdamState:
   """Creates Adam's state for ``params``: zero moments, count 0.
 
   Args:
@@ -176,9 +177,14 @@ def init(params, *, mu_dtype=None, nu_dtype=None) -> AdamState:
       packed flat value. ``None`` leaves pass through.
     mu_dtype: dtype of the first moment (default: each param's dtype).
     nu_dtype: dtype of the second moment (default: each param's dtype).
+    master_weights: ``None``, ``"float32"`` or ``"q8"``: master weights for
+      bfloat16/float16 params, as in :func:`jadam.adam` (then the state has a
+      ``master`` field, zero, and :func:`jadam.update` and :func:`jadam.step`
+      keep the master values in it).
 
   Returns:
-    A :class:`jadam.AdamState` ``(count, mu, nu)``; it never aliases ``params``.
+    A :class:`jadam.AdamState` ``(count, mu, nu)`` (with master weights
+    ``(count, mu, nu, master)``); it never aliases ``params``.
 
   Example:
     >>> import jax.numpy as jnp, jadam
@@ -189,7 +195,9 @@ def init(params, *, mu_dtype=None, nu_dtype=None) -> AdamState:
   """
   mu_dtype = _quant.resolve("jadam.init", "mu_dtype", mu_dtype)
   nu_dtype = _quant.resolve("jadam.init", "nu_dtype", nu_dtype)
-  return init_state("jadam.init", _rule.Rule("adam"), params, mu_dtype, nu_dtype)
+  _master.check_format("jadam.init", "master_weights", master_weights)
+  return init_state("jadam.init", _rule.Rule("adam", master=master_weights), params, mu_dtype,
+                    nu_dtype)
 
 
 def _functional_hyper(fn, learning_rate, b1, b2, eps, eps_root, weight_decay):
@@ -207,11 +215,25 @@ def _functional_hyper(fn, learning_rate, b1, b2, eps, eps_root, weight_decay):
   return spec.hyper()
 
 
-def _functional_rule(fn: str, nesterov, skip_nonfinite, kernel) -> _rule.Rule:
+def _functional_rule(fn: str, nesterov, skip_nonfinite, kernel, state) -> _rule.Rule:
   V.check_choice(fn, "kernel", kernel, _rule.KERNELS)
   return _rule.Rule("adam", nesterov=bool(nesterov),
                     skip_nonfinite=V.check_bool(fn, "skip_nonfinite", skip_nonfinite),
-                    kernel=kernel)
+                    master=_master_format(state), kernel=kernel)
+
+
+def _master_format(state) -> str | None:
+  """The master weights' format of a state from :func:`init`: none, or that
+  of its ``master`` field's arrays (float32 or int8)."""
+  master = getattr(state, "master", None) if isinstance(state, tuple) else None
+  dtypes = {np.dtype(V.dtype_of(x)) for x in jax.tree.leaves(master)}
+  if not dtypes:
+    return None
+  for fmt in _master.FORMATS:
+    if dtypes == {_master.state_dtype(fmt)}:
+      return fmt
+  raise ValueError(f"`state.master` must hold float32 (master_weights='float32') or int8 "
+                   f"('q8') arrays, got {sorted(d.name for d in dtypes)}")
 
 
 def update(
@@ -276,7 +298,7 @@ def update(
   .. seealso:: :func:`jadam.step`, :func:`jadam.adam`.
   """
   hp = _functional_hyper("jadam.update", learning_rate, b1, b2, eps, eps_root, weight_decay)
-  rule = _functional_rule("jadam.update", nesterov, skip_nonfinite, kernel)
+  rule = _functional_rule("jadam.update", nesterov, skip_nonfinite, kernel, state)
   return tree_update("jadam.update", rule, hp, grads, state, params)[:2]
 
 
@@ -318,5 +340,5 @@ def step(
     >>> params, state = jax.jit(jadam.step)(grads, state, params)
   """
   hp = _functional_hyper("jadam.step", learning_rate, b1, b2, eps, eps_root, weight_decay)
-  rule = _functional_rule("jadam.step", nesterov, skip_nonfinite, kernel)
+  rule = _functional_rule("jadam.step", nesterov, skip_nonfinite, kernel, state)
   return tree_update("jadam.step", rule, hp, grads, state, params, apply=True)[:2]

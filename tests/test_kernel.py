@@ -220,10 +220,10 @@ def test_auto_falls_back_where_the_kernel_cannot_run(monkeypatch):
   tx = jadam.adam(1e-3)
   assert custom_calls(tx.update, params, tx.init(params), params) == 1
   low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-  master = jadam.adam(1e-3, master_weights="float32")
+  master = jadam.lamb(1e-3, master_weights="float32")
   assert custom_calls(master.update, low, master.init(low), low) == 0  # XLA path
-  forced = jadam.adam(1e-3, master_weights="float32", kernel="fused")
-  with pytest.raises(ValueError, match="master weights"):
+  forced = jadam.lamb(1e-3, master_weights="float32", kernel="fused")
+  with pytest.raises(ValueError, match="LAMB with master weights"):
     forced.update(low, forced.init(low), low)
   with pytest.raises(ValueError, match="kernel"):
     jadam.adam(1e-3, kernel="cuda")

@@ -197,6 +197,49 @@ def test_local_steps_restart_the_master_with_the_replicas():
   assert not np.any(np.asarray(s.inner.master["w"]))  # the outer step: restarted
 
 
+@pytest.mark.parametrize("master", ["float32", "q8"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_functional_step_keeps_the_master_in_its_state(master, packed):
+  """``jadam.init(params, master_weights=...)`` then ``jadam.step`` (tree or
+  packed bfloat16 params; the XLA path, and the kernel where it is built):
+  the optimizer's math (``jadam.adamw`` with the same master weights, its
+  update applied by ``optax.apply_updates``), bit for bit on XLA's ops, to
+  float32 rounding on the kernel."""
+  rng = np.random.default_rng(4)
+  params = {"w": jnp.asarray(rng.normal(size=(40, 30)), jnp.bfloat16),
+            "b": jnp.asarray(rng.normal(size=(30,)), jnp.bfloat16)}
+  grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+           for _ in range(30)]
+  kw = dict(learning_rate=2e-5, weight_decay=1e-2)  # far below most params' last place
+  tx = jadam.adamw(kw["learning_rate"], weight_decay=kw["weight_decay"], master_weights=master,
+                   kernel="xla")
+  p_ref, s_ref = params, tx.init(params)
+  update = jax.jit(tx.update)
+  for g in grads:
+    u, s_ref = update(g, s_ref, p_ref)
+    p_ref = optax.apply_updates(p_ref, u)
+  layout = jadam.FlatLayout.from_tree(params)
+  wrap = layout.pack if packed else (lambda t: t)
+  unwrap = layout.unpack if packed else (lambda t: t)
+  kernels = ["xla"] + (["fused"] if jadam._kernel.available() else [])  # pylint: disable=protected-access
+  for kernel in kernels:
+    step = jax.jit(lambda g, s, p, k=kernel: jadam.step(g, s, p, kernel=k, **kw))
+    p = wrap(params)
+    s = jadam.init(p, master_weights=master)
+    assert type(s).__name__ == "AdamMasterState"
+    for g in grads:
+      p, s = step(wrap(g), s, p)
+    for a, b in zip(jax.tree.leaves(unwrap(p)), jax.tree.leaves(p_ref)):
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      if kernel == "xla":
+        np.testing.assert_array_equal(a, b)
+      else:  # float32 rounding: a master value on a rounding tie can land either way
+        assert np.mean(a != b) < 1e-2
+        np.testing.assert_allclose(a, b, rtol=2**-7, atol=0)
+    assert np.any(np.asarray(unwrap(p)["w"]) != np.asarray(params["w"]))
+  assert int(s.count) == len(grads)
+
+
 def test_bad_master_weights():
   with pytest.raises(ValueError, match=r"master_weights=...\)` must be None, 'float32' or 'q8'"):
     jadam.adam(1e-3, master_weights="q4")
@@ -209,5 +252,11 @@ def test_bad_master_weights():
     jadam.scale_by_adam(master_weights="q8")
   with pytest.raises(ValueError, match=r"needs real float params; the param at \['w'\]"):
     tx.init({"w": jnp.ones(3, jnp.complex64)})
+  with pytest.raises(ValueError, match=r"`jadam.init\(master_weights=...\)` must be None"):
+    jadam.init({"w": jnp.ones(3, jnp.bfloat16)}, master_weights="bf16")
+  state = jadam.init({"w": jnp.ones(3, jnp.bfloat16)}, master_weights="q8")
+  bad = state._replace(master={"w": jnp.zeros(3, jnp.int16)})
+  with pytest.raises(ValueError, match=r"`state.master` must hold float32 .* got \['int16'\]"):
+    jadam.step({"w": jnp.ones(3, jnp.bfloat16)}, bad, {"w": jnp.ones(3, jnp.bfloat16)})
   with pytest.raises(ValueError, match=r"memory_plan\(master_weights=...\)` must be"):
     jadam.memory_plan({"w": jnp.ones(3)}, strategy="plain", n_devices=1, master_weights="fp32")

@@ -20,15 +20,19 @@ Which path runs (``kernel=`` of every optimizer, :attr:`jadam._rule.Rule.kernel`
   their ``shard_map``; not LAMB or a weight decay mask there: where a leaf
   starts in a slice depends on the device), and with block-wise quantized
   moments (``q8``, and ``q4``'s ``mu``: decoded, updated and encoded in the
-  same pass, ``adam_quant.h``). Not: rank-1 quantized moments (``q4``'s
+  same pass, ``adam_quant.h``), and master weights (``"float32"`` or ``"q8"``:
+  the master value decoded, updated and rounded to the param in the same
+  pass, ``adam_master.h``). Not: rank-1 quantized moments (``q4``'s
   ``nu``: its row and column maxima need the whole tensor before any code is
-  written), master weights, 1-bit Adam's frozen ``nu``, complex or float64
+  written), LAMB with master weights (its trust ratio needs the master
+  values' norms), 1-bit Adam's frozen ``nu``, complex or float64
   values, arrays split over a mesh (explicit shardings, a flat layout packed
   for a mesh; under GSPMD's automatic sharding the custom call is
   replicated, so its operands are gathered).
 * ``"xla"``: always the XLA ops.
 * ``"auto"`` (default): what :data:`AUTO` says (the kernel for in-place steps,
-  ``jadam.step``, and for steps with quantized moments), or ``$JADAM_KERNEL``
+  ``jadam.step``, and for steps with quantized moments or q8 master
+  weights), or ``$JADAM_KERNEL``
   (read when a step is traced); where the kernel cannot run, the XLA ops,
   without an error.
 
@@ -79,7 +83,9 @@ AUTO = "inplace"
   buffer that XLA's fused ``p + u`` does not need (about 2x slower), and
   which stay bit-identical to optax; but the kernel for those too when a
   moment is quantized (q8: XLA's decode and encode make that step about 2x
-  slower than the kernel's, and no quantized step is optax's bits anyway);
+  slower than the kernel's, and no quantized step is optax's bits anyway)
+  or the master weights are ``"q8"`` (XLA's ``frexp`` and ``ldexp`` of every
+  param: 1.7x slower; ``benchmarks/master_kernel.py``);
 * ``"fused"``: the kernel wherever it can run;
 * ``"xla"``: never.
 
@@ -157,7 +163,7 @@ def _use_kernel(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply, for_mesh) -> b
     mode = effective_rule(rule).kernel
   if mode == "xla" or not chunks:
     return False
-  if mode == "auto" and apply is None and not _quantized(chunks):
+  if mode == "auto" and apply is None and not _quantized(chunks) and rule.master != "q8":
     return False  # updates returned to the caller: XLA fuses them into p + u
   why = "a flat layout packed for a mesh" if for_mesh else unsupported(rule, hp, chunks, apply)
   if why is None and mode != "fused" and on_gspmd_mesh(chunks):
@@ -199,8 +205,8 @@ def unsupported(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply) -> str | None:
   """Why the kernel cannot run this step, or None if it can."""
   if jax.default_backend() != "cpu":
     return f"it runs on CPU only, not {jax.default_backend()}"
-  if rule.master:
-    return "master weights"
+  if rule.master and rule.trust_ratio:
+    return "LAMB with master weights"
   if rule.nu_frozen_at:
     return "a frozen nu (1-bit Adam)"
   if rule.trust_ratio and rule.skip_nonfinite:
@@ -222,11 +228,12 @@ def unsupported(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply) -> str | None:
     for m in c.moments:
       if isinstance(m, _quant.QArray) and m.rank1:
         return "rank-1 quantized moments"
-    for x in _arrays(c):
+    # (A quantized moment's codes are uint8; master weights' state, float32 or int8.)
+    for x in _arrays(c._replace(moments=c.moments[:-1]) if rule.master else c):
       if x.dtype != np.uint8 and np.dtype(x.dtype) not in _DTYPES:
         return f"dtype {x.dtype} (float32, bfloat16 and float16 only)"
-      if explicit_sharding(x) is not None:
-        return "arrays split over a mesh"
+    if any(explicit_sharding(x) is not None for x in _arrays(c)):
+      return "arrays split over a mesh"
   return None
 
 
@@ -312,10 +319,11 @@ class _Static:
     vector = _scalar_vector(hp, scalars, use_wd=self.use_wd, scale_lr=self.scale_lr,
                             finite=finite)
     ranges = [_decay_ranges(c, self.use_wd) for c in chunks]
-    has_param = (self.apply is not None or any(ranges)) and all(
+    has_param = (self.apply is not None or any(ranges) or rule.master) and all(
         c.param is not None for c in chunks)
     leaves = [(c.grad, c.moments, c.param) for c in chunks]
     common = dict(kind=rule.kind, nesterov=rule.nesterov, n_moments=len(rule.optax_names),
+                  master=rule.master,
                   has_param=has_param, scale_lr=self.scale_lr, wd_ranges=ranges,
                   out_dtypes=out_dtypes)
     if not rule.trust_ratio:

@@ -32,7 +32,7 @@ _LOG = logging.getLogger("jadam")
 
 SOURCE = os.path.join(os.path.dirname(__file__), "adam_kernel.cc")
 HEADERS = [os.path.join(os.path.dirname(__file__), name)
-           for name in ("adam_rule.h", "adam_quant.h", "adam_threads.h")]
+           for name in ("adam_rule.h", "adam_quant.h", "adam_master.h", "adam_threads.h")]
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
          "-fno-trapping-math",
          "-fPIC", "-shared", "-fvisibility=hidden", "-w")
@@ -52,6 +52,7 @@ SCALARS = ("c1", "b1", "c2", "b2", "eps", "eps_root", "bc_mu", "bc_mu_next", "bc
 
 KINDS = {"adam": 0, "amsgrad": 1, "adamax": 2, "radam": 3}
 MODES = {"update": 0, "apply": 1, "direction": 2}
+MASTERS = {None: 0, "float32": 1, "q8": 2}
 
 
 def cache_dir() -> str:
@@ -172,13 +173,14 @@ def _qformats(leaves, n_moments: int):
 
 
 def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_param: bool,
-         mode: str, scale_lr: bool, skip: int, wd_ranges, out_dtypes):
+         mode: str, scale_lr: bool, skip: int, wd_ranges, out_dtypes, master=None):
   """One call of the step kernel.
 
   Args:
     scalars: float32 ``(len(SCALARS),)``.
     leaves: per leaf ``(g, moments, p)`` (``p`` only with ``has_param``); a
-      moment is an array or a block-wise :class:`jadam._quant.QArray`.
+      moment is an array or a block-wise :class:`jadam._quant.QArray`; with
+      ``master``, the master weights' state follows the ``n_moments`` moments.
     kind, nesterov, n_moments: the rule.
     has_param: whether each leaf passes ``p``.
     mode: ``"update"`` (the update, in ``out_dtypes``), ``"apply"`` (``p +
@@ -188,7 +190,10 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
     skip: 0, 1 (skip the step if a gradient is not finite) or 2 (skip it if
       ``scalars``' ``finite_in`` is 0).
     wd_ranges: per leaf, the ``(start, end)`` element ranges that decay.
-    out_dtypes: per leaf, the dtype of its result (``"update"`` mode).
+    out_dtypes: per leaf, the dtype of its result (``"update"`` mode;
+      float32 with ``master``).
+    master: the master weights' format (:mod:`jadam._master`): ``None``,
+      ``"float32"`` or ``"q8"`` (then ``has_param``; not ``"direction"``).
 
   Returns:
     ``([(out, moments)] per leaf, finite or None)``: the moments in their
@@ -201,7 +206,8 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
     at_out = len(outs)
     outs.append(jax.ShapeDtypeStruct(g.shape, out_dtype))
     args.append(g)
-    # The moments are updated in place: an array, or a QArray's codes and scales.
+    # The moments are updated in place: an array, or a QArray's codes and
+    # scales; and so is the master weights' state.
     for x in jax.tree.leaves(tuple(moments)):
       aliases[len(args)] = len(outs)
       args.append(x)
@@ -221,7 +227,8 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
                          vmap_method="sequential")(
       *args, kind=np.int64(KINDS[kind]), nesterov=bool(nesterov),
       n_moments=np.int64(n_moments), has_param=bool(has_param), mode=np.int64(MODES[mode]),
-      scale_lr=bool(scale_lr), skip=np.int64(skip), wd_offsets=_i64(offsets),
+      scale_lr=bool(scale_lr), skip=np.int64(skip), master=np.int64(MASTERS[master]),
+      wd_offsets=_i64(offsets),
       wd_ranges=_i64(flat), qslots=qslots, qint=qint, qfloat=qfloat)
   res, pairs = iter(res), []
   for _, moments, _ in leaves:

@@ -1,9 +1,10 @@
 // jadam's fused multi-tensor Adam step for XLA:CPU, called through jax.ffi.
 //
 // One call updates any number of leaves in one pass each: per element it
-// reads the gradient, the moments (and the param where weight decay or
-// applying the update needs it) and writes the moments back in place (the
-// outputs alias the inputs) and the update, or the new param in place.
+// reads the gradient, the moments (and the param where weight decay, master
+// weights or applying the update needs it) and writes the moments (and the
+// master weights' state, adam_master.h) back in place (the outputs alias the
+// inputs) and the update, or the new param in place.
 // The arithmetic (adam_rule.h) is jadam._rule.element_update's and
 // jadam._update.apply_rule's, operation for operation, each rounded to
 // float32 (-ffp-contract=off). Scalars that depend on the step come in as a
@@ -22,6 +23,7 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#include "adam_master.h"
 #include "adam_quant.h"
 #include "adam_rule.h"
 #include "adam_threads.h"
@@ -40,6 +42,8 @@ struct Leaf {
   ffi::AnyBuffer* g = nullptr;
   ffi::AnyBuffer* p = nullptr;
   Moment m[3];
+  ffi::AnyBuffer* master = nullptr;  // master weights' state, in place
+  void* master_out = nullptr;
   void* out = nullptr;
   ffi::DataType ot = ffi::DataType::F32;
 };
@@ -47,19 +51,21 @@ struct Leaf {
 // Per thread: float32 scratch for one block of every operand.
 struct Scratch {
   alignas(64) float g[kMaxQBlock], m[3][kMaxQBlock], p[kMaxQBlock], d[kMaxQBlock],
-      o[kMaxQBlock];
+      o[kMaxQBlock], pm[kMaxQBlock];
   QScratch q;
 };
 
 // Inputs after the scalars, per leaf: g, per moment its buffer (or codes and
-// scales), [p]. Outputs per leaf: out, per moment its buffer (or codes and
-// scales); then (with skip) the finite flag. `mode`: 0 update, 1 new params
+// scales), [master state], [p]. Outputs per leaf: out, per moment its buffer
+// (or codes and scales), [master state]; then (with skip) the finite flag. `mode`: 0 update, 1 new params
 // (p + u), 2 direction with weight decay, float32 (LAMB's first pass).
 // `qslots`: per leaf and moment, the index of its quantized format or -1.
+// `master`: the master weights' format (adam_master.h), 0 for none.
 ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
                     ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t kind,
                     bool nesterov, int64_t n_moments, bool has_param, int64_t mode,
-                    bool scale_lr, int64_t skip, ffi::Span<const int64_t> wd_offsets,
+                    bool scale_lr, int64_t skip, int64_t master,
+                    ffi::Span<const int64_t> wd_offsets,
                     ffi::Span<const int64_t> wd_ranges, ffi::Span<const int64_t> qslots,
                     ffi::Span<const int64_t> qint, ffi::Span<const float> qfloat) {
   if (scalars.element_count() != kNumScalars) {
@@ -68,7 +74,8 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   const size_t n_leaves = wd_offsets.size() - 1;
   const std::vector<QFormat> formats = ReadFormats(qint, qfloat);
   if (wd_offsets.size() == 0 || qslots.size() != n_leaves * n_moments || n_moments > 3 ||
-      (formats.empty() && qint.size() > 1)) {
+      (formats.empty() && qint.size() > 1) || master < kNoMaster || master > kMasterQ8 ||
+      (master != kNoMaster && (!has_param || mode == 2))) {
     return ffi::Error::InvalidArgument("jadam kernel: bad attributes");
   }
   size_t n_in = 0, n_out = skip ? 1 : 0;
@@ -83,6 +90,8 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
       n_in += slot < 0 ? 1 : 2;
       n_out += slot < 0 ? 1 : 2;
     }
+    n_in += master != kNoMaster;
+    n_out += master != kNoMaster;
   }
   if (args.size() != n_in || rets.size() != n_out) {
     return ffi::Error::InvalidArgument("jadam kernel: wrong number of buffers");
@@ -126,9 +135,16 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
         L.block = std::max(L.block, q->block);
       }
     }
+    if (master != kNoMaster) {
+      L.master = &in_bufs[at_in++];
+      ffi::AnyBuffer& mo = out_bufs[at_out++];
+      L.master_out = mo.untyped_data();
+      ok = ok && MasterFits(master, *L.master, mo, L.n);
+    }
     L.p = has_param ? &in_bufs[at_in++] : nullptr;
     ok = ok && (L.p == nullptr || Supported(L.p->element_type()));
     if (mode == 1) ok = ok && L.p != nullptr && L.p->element_type() == L.ot;
+    if (mode == 0 && master != kNoMaster) ok = ok && L.ot == ffi::DataType::F32;
     if (mode == 2) ok = ok && L.ot == ffi::DataType::F32;
     if (wd_offsets[j + 1] > wd_offsets[j]) ok = ok && L.p != nullptr;
     if (!ok) return ffi::Error::InvalidArgument("jadam kernel: unsupported buffers");
@@ -159,7 +175,7 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
       float* p = nullptr;
       if (mode == 1) {
         p = InOut(L.p->untyped_data(), L.out, L.ot, at, n, S.p);
-      } else if (n_wr > 0) {
+      } else if (n_wr > 0 || master != kNoMaster) {
         p = const_cast<float*>(In(L.p->untyped_data(), L.p->element_type(), at, n, S.p));
       }
       if (!finite) {  // a skipped step: the moments as they are, a zero update
@@ -193,11 +209,25 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
           Flush(m[k], M.out, M.t, at, n);
         }
       }
+      // With master weights, the param is the master value (decoded before
+      // the moments are written: the state is read and written in place).
+      const float* pd = p;
+      if (master != kNoMaster) {
+        DecodeMaster(master, L.p->element_type(), p, L.master->untyped_data(), at, n, S.pm);
+        pd = S.pm;
+      }
       for (int64_t r = 0; r < n_wr; ++r) {  // decoupled weight decay, where it applies
         const int64_t lo = std::max(wr[2 * r], at), hi = std::min(wr[2 * r + 1], at + n);
-        if (hi > lo) Decay(wd, p, d, lo - at, hi - at);
+        if (hi > lo) Decay(wd, pd, d, lo - at, hi - at);
       }
-      if (mode == 0) {
+      if (master != kNoMaster) {  // the update goes to the master value
+        float* u = S.g;  // scratch now: the gradient was read
+        FinishUpdate(neg_lr, scale_lr, d, u, n);
+        // The update is the param's change (float32); the new param, `applied`.
+        float* change = mode == 0 ? Out(L.out, L.ot, at, S.o) : S.d;
+        MasterStep(master, L.p->element_type(), p, pd, u, change, S.o, L.master_out, at, n);
+        if (mode == 1) Store(S.o, L.ot, n, static_cast<char*>(L.out) + at * Width(L.ot));
+      } else if (mode == 0) {
         float* out = Out(L.out, L.ot, at, S.o);
         FinishUpdate(neg_lr, scale_lr, d, out, n);
         Flush(out, L.out, L.ot, at, n);
@@ -297,6 +327,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamAdamStep, AdamStep,
                                   .Attr<int64_t>("mode")
                                   .Attr<bool>("scale_lr")
                                   .Attr<int64_t>("skip")
+                                  .Attr<int64_t>("master")
                                   .Attr<ffi::Span<const int64_t>>("wd_offsets")
                                   .Attr<ffi::Span<const int64_t>>("wd_ranges")
                                   .Attr<ffi::Span<const int64_t>>("qslots")
