@@ -22,10 +22,11 @@ Which path runs (``kernel=`` of every optimizer, :attr:`jadam._rule.Rule.kernel`
   moments (``q8``, and ``q4``'s ``mu``: decoded, updated and encoded in the
   same pass, ``adam_quant.h``), and master weights (``"float32"`` or ``"q8"``:
   the master value decoded, updated and rounded to the param in the same
-  pass, ``adam_master.h``). Not: rank-1 quantized moments (``q4``'s
+  pass, ``adam_master.h``), and 1-bit Adam's frozen ``nu``. Not: rank-1
+  quantized moments (``q4``'s
   ``nu``: its row and column maxima need the whole tensor before any code is
   written), LAMB with master weights (its trust ratio needs the master
-  values' norms), 1-bit Adam's frozen ``nu``, complex or float64
+  values' norms), complex or float64
   values, arrays split over a mesh (explicit shardings, a flat layout packed
   for a mesh; under GSPMD's automatic sharding the custom call is
   replicated, so its operands are gathered).
@@ -207,8 +208,6 @@ def unsupported(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply) -> str | None:
     return f"it runs on CPU only, not {jax.default_backend()}"
   if rule.master and rule.trust_ratio:
     return "LAMB with master weights"
-  if rule.nu_frozen_at:
-    return "a frozen nu (1-bit Adam)"
   if rule.trust_ratio and rule.skip_nonfinite:
     return "LAMB with skip_nonfinite"
   if apply not in (None, "fused"):
@@ -323,7 +322,7 @@ class _Static:
         c.param is not None for c in chunks)
     leaves = [(c.grad, c.moments, c.param) for c in chunks]
     common = dict(kind=rule.kind, nesterov=rule.nesterov, n_moments=len(rule.optax_names),
-                  master=rule.master,
+                  master=rule.master, frozen_nu=bool(rule.nu_frozen_at),
                   has_param=has_param, scale_lr=self.scale_lr, wd_ranges=ranges,
                   out_dtypes=out_dtypes)
     if not rule.trust_ratio:

@@ -173,7 +173,8 @@ def _qformats(leaves, n_moments: int):
 
 
 def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_param: bool,
-         mode: str, scale_lr: bool, skip: int, wd_ranges, out_dtypes, master=None):
+         mode: str, scale_lr: bool, skip: int, wd_ranges, out_dtypes, master=None,
+         frozen_nu: bool = False):
   """One call of the step kernel.
 
   Args:
@@ -194,6 +195,8 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
       float32 with ``master``).
     master: the master weights' format (:mod:`jadam._master`): ``None``,
       ``"float32"`` or ``"q8"`` (then ``has_param``; not ``"direction"``).
+    frozen_nu: ``nu`` stays as it is (1-bit Adam after its warm-up; its
+      quantized codes are encoded again, as the XLA path encodes them).
 
   Returns:
     ``([(out, moments)] per leaf, finite or None)``: the moments in their
@@ -228,6 +231,7 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
       *args, kind=np.int64(KINDS[kind]), nesterov=bool(nesterov),
       n_moments=np.int64(n_moments), has_param=bool(has_param), mode=np.int64(MODES[mode]),
       scale_lr=bool(scale_lr), skip=np.int64(skip), master=np.int64(MASTERS[master]),
+      frozen_nu=bool(frozen_nu),
       wd_offsets=_i64(offsets),
       wd_ranges=_i64(flat), qslots=qslots, qint=qint, qfloat=qfloat)
   res, pairs = iter(res), []

@@ -61,10 +61,11 @@ struct Scratch {
 // (p + u), 2 direction with weight decay, float32 (LAMB's first pass).
 // `qslots`: per leaf and moment, the index of its quantized format or -1.
 // `master`: the master weights' format (adam_master.h), 0 for none.
+// `frozen_nu`: nu stays as it is (1-bit Adam after its warm-up).
 ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
                     ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t kind,
                     bool nesterov, int64_t n_moments, bool has_param, int64_t mode,
-                    bool scale_lr, int64_t skip, int64_t master,
+                    bool scale_lr, int64_t skip, int64_t master, bool frozen_nu,
                     ffi::Span<const int64_t> wd_offsets,
                     ffi::Span<const int64_t> wd_ranges, ffi::Span<const int64_t> qslots,
                     ffi::Span<const int64_t> qint, ffi::Span<const float> qfloat) {
@@ -161,7 +162,7 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   }
   if (skip) *static_cast<bool*>(out_bufs.back().untyped_data()) = finite;
 
-  const DirectionFn direction = PickDirection(kind, nesterov);
+  const DirectionFn direction = PickDirection(kind, nesterov, frozen_nu);
   const float wd = s[kWd], neg_lr = s[kNegLr];
   ForEachPiece(pool, sizes, [&](size_t j, int64_t begin, int64_t end) {
     const Leaf& L = leaves[j];
@@ -328,6 +329,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamAdamStep, AdamStep,
                                   .Attr<bool>("scale_lr")
                                   .Attr<int64_t>("skip")
                                   .Attr<int64_t>("master")
+                                  .Attr<bool>("frozen_nu")
                                   .Attr<ffi::Span<const int64_t>>("wd_offsets")
                                   .Attr<ffi::Span<const int64_t>>("wd_ranges")
                                   .Attr<ffi::Span<const int64_t>>("qslots")

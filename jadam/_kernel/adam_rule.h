@@ -130,12 +130,13 @@ bool IsFinite(const void* base, ffi::DataType t, int64_t at, int64_t n) {
 // ------------------------------------------------------------- the rule
 
 // The Adam direction of n elements (jadam._rule.element_update, float32); the
-// moments are updated in place. Every operation is the rule's, in its order,
+// moments are updated in place (with kFrozen, nu stays as it is: 1-bit Adam
+// after its warm-up). Every operation is the rule's, in its order,
 // rounded to float32 (no contraction): XLA:CPU, by contrast, contracts some
 // multiply-adds into FMAs and rewrites some divisions, differently in
 // different programs (see jadam/_kernel/__init__.py), so the two agree to
 // float32 rounding, not bit for bit.
-template <int kKind, bool kNesterov>
+template <int kKind, bool kNesterov, bool kFrozen>
 void Direction(const float* s, const float* __restrict g, float* __restrict m1,
                float* __restrict m2, float* __restrict m3, float* __restrict d, int64_t n) {
   const float c1 = s[kC1], b1 = s[kB1], c2 = s[kC2], b2 = s[kB2], eps = s[kEps];
@@ -147,12 +148,12 @@ void Direction(const float* s, const float* __restrict g, float* __restrict m1,
     const float mu = c1 * gi + b1 * m1[i];
     m1[i] = mu;
     if (kKind == kAdamax) {
-      const float nu = MaxNan(std::fabs(gi) + eps, b2 * m2[i]);
+      const float nu = kFrozen ? m2[i] : MaxNan(std::fabs(gi) + eps, b2 * m2[i]);
       m2[i] = nu;
       d[i] = (mu / bc_mu) / nu;
       continue;
     }
-    const float nu = c2 * (gi * gi) + b2 * m2[i];
+    const float nu = kFrozen ? m2[i] : c2 * (gi * gi) + b2 * m2[i];
     m2[i] = nu;
     const float nu_hat = nu / bc_nu;
     float denom;
@@ -175,13 +176,19 @@ void Direction(const float* s, const float* __restrict g, float* __restrict m1,
 using DirectionFn = void (*)(const float*, const float*, float*, float*, float*, float*,
                              int64_t);
 
-DirectionFn PickDirection(int64_t kind, bool nesterov) {
+template <bool kFrozen>
+DirectionFn Pick(int64_t kind, bool nesterov) {
   switch (kind) {
-    case kAmsgrad: return Direction<kAmsgrad, false>;
-    case kAdamax: return Direction<kAdamax, false>;
-    case kRadam: return nesterov ? Direction<kRadam, true> : Direction<kRadam, false>;
-    default: return nesterov ? Direction<kAdam, true> : Direction<kAdam, false>;
+    case kAmsgrad: return Direction<kAmsgrad, false, kFrozen>;
+    case kAdamax: return Direction<kAdamax, false, kFrozen>;
+    case kRadam:
+      return nesterov ? Direction<kRadam, true, kFrozen> : Direction<kRadam, false, kFrozen>;
+    default: return nesterov ? Direction<kAdam, true, kFrozen> : Direction<kAdam, false, kFrozen>;
   }
+}
+
+DirectionFn PickDirection(int64_t kind, bool nesterov, bool frozen_nu) {
+  return frozen_nu ? Pick<true>(kind, nesterov) : Pick<false>(kind, nesterov);
 }
 
 void Decay(float wd, const float* __restrict p, float* __restrict d, int64_t lo, int64_t hi) {
