@@ -266,8 +266,12 @@ def update(
 
   Args:
     grads: gradients, shaped like the params.
-    state: the state from :func:`jadam.init` or a previous update.
-    params: current params; required when ``weight_decay`` is not 0.
+    state: the state from :func:`jadam.init` or a previous update. A state
+      made with ``master_weights`` keeps the params' master values (its
+      format is read from the state): the updates are the params' change,
+      float32 for low-precision params (see :func:`jadam.adam`).
+    params: current params; required when ``weight_decay`` is not 0 or the
+      state has master weights.
     learning_rate: step size :math:`\alpha` (>= 0).
     b1: first-moment decay :math:`\beta_1`, in [0, 1).
     b2: second-moment decay :math:`\beta_2`, in [0, 1).

@@ -429,12 +429,21 @@ def test_skip_block():
 
 def test_master_weights_block():
   params = {"w": jnp.ones((128, 64), jnp.bfloat16), "b": jnp.zeros(64, jnp.bfloat16)}
-  namespace = {"jadam": jadam, "params": params}
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, p.dtype), params)
+  namespace = {"jadam": jadam, "params": params, "grads": grads}
+  # The block's first state, from the optimizer, before the functional core's.
+  optimizer_state = jadam.adamw(1e-3, mu_dtype="q8", nu_dtype="q8",
+                                master_weights="q8").init(params)
+  assert isinstance(optimizer_state, jadam.MasterState)
   run_block("master weights", namespace)
   state = namespace["state"]
-  assert isinstance(state, jadam.MasterState)
+  assert state._fields == ("count", "mu", "nu", "master") and int(state.count) == 1
   for leaf, param in zip(jax.tree.leaves(state.master), jax.tree.leaves(params)):
     assert leaf.dtype == jnp.int8 and leaf.shape == param.shape
+  # 1e-3 is below half of w's last place at 1 (2**-8): w stays, the master keeps the step.
+  assert np.all(np.asarray(namespace["params"]["w"]) == 1)
+  assert np.all(np.asarray(state.master["w"]) < 0)
+  assert np.all(np.asarray(namespace["params"]["b"], np.float32) < 0)
 
 
 @needs_devices
