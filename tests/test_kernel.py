@@ -357,9 +357,11 @@ def test_auto_runs_the_kernel_for_in_place_steps(monkeypatch):
     jadam.step(grads, jadam.init(params), params)
 
 
-def test_auto_runs_xla_on_a_gspmd_mesh(monkeypatch):
-  """Arrays of a mesh that GSPMD splits: "auto" runs XLA's ops (the kernel has
-  no partitioning rule); inside shard_map the arrays are local and it runs."""
+def test_auto_on_a_gspmd_mesh(monkeypatch):
+  """Arrays of a mesh that GSPMD splits: "auto" runs the kernel on each
+  device's shard (its partitioning rule: tests/test_kernel_partition.py),
+  without gathering them; XLA's ops for LAMB, which needs whole leaves;
+  inside shard_map the arrays are local and it runs as on one device."""
   monkeypatch.setenv("JADAM_KERNEL", "fused")
   if jax.device_count() < 2:
     pytest.skip("needs 2 devices")
@@ -370,10 +372,14 @@ def test_auto_runs_xla_on_a_gspmd_mesh(monkeypatch):
   def step(p, s, g):
     return jadam.step(g, s, p)
 
-  assert custom_calls(step, params, jadam.init(params), params) == 0
+  hlo = jax.jit(step).lower(params, jadam.init(params), params).compile().as_text()
+  assert len(re.findall(r"custom-call\(", hlo)) == 1 and "all-gather" not in hlo
+  lamb = jadam.lamb(1e-3)
+  assert custom_calls(lamb.update, params, lamb.init(params), params) == 0
   with jax.set_mesh(mesh):
     local = {"w": jnp.ones((8, 3))}
-    assert custom_calls(step, local, jadam.init(local), local) == 0
+    assert custom_calls(step, local, jadam.init(local), local) == 1
+    assert custom_calls(lamb.update, local, lamb.init(local), local) == 0
   state = jadam.init(params)
   specs = jax.tree.map(lambda x: jax.sharding.PartitionSpec(*(("d",) if x.ndim else ())),
                        (params, state, params))

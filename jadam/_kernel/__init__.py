@@ -22,14 +22,14 @@ Which path runs (``kernel=`` of every optimizer, :attr:`jadam._rule.Rule.kernel`
   moments (``q8``, and ``q4``'s ``mu``: decoded, updated and encoded in the
   same pass, ``adam_quant.h``), and master weights (``"float32"`` or ``"q8"``:
   the master value decoded, updated and rounded to the param in the same
-  pass, ``adam_master.h``), and 1-bit Adam's frozen ``nu``. Not: rank-1
-  quantized moments (``q4``'s
-  ``nu``: its row and column maxima need the whole tensor before any code is
-  written), LAMB with master weights (its trust ratio needs the master
-  values' norms), complex or float64
-  values, arrays split over a mesh (explicit shardings, a flat layout packed
-  for a mesh; under GSPMD's automatic sharding the custom call is
-  replicated, so its operands are gathered).
+  pass, ``adam_master.h``), and 1-bit Adam's frozen ``nu``; on arrays that
+  GSPMD splits over a mesh, on each device's shards
+  (:mod:`jadam._kernel._partition`: not LAMB or block-wise quantized moments
+  there, whose operands are gathered instead). Not: rank-1 quantized moments
+  (``q4``'s ``nu``: its row and column maxima need the whole tensor before
+  any code is written), LAMB with master weights (its trust ratio needs the
+  master values' norms), complex or float64 values, arrays of an
+  ``Explicit`` mesh, a flat layout packed for a mesh.
 * ``"xla"``: always the XLA ops.
 * ``"auto"`` (default): what :data:`AUTO` says (the kernel for in-place steps,
   ``jadam.step``, and for steps with quantized moments or q8 master
@@ -57,47 +57,31 @@ XLA ops after one logged notice. Under ``jax.vmap`` and in derivatives
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _quant
 from .. import _rule
 from .. import _segments
 from .. import _update
-from .._sharding import explicit_sharding
 from . import _ffi
+# Which path runs: re-exported for the layouts and tests.
+from ._policy import AUTO as AUTO
+from ._policy import ENV as ENV
+from ._policy import ENV_VALUES as ENV_VALUES
+from ._policy import MODES as MODES
+from ._policy import auto_mode as auto_mode
+from ._policy import decay_ranges
+from ._policy import effective_rule as effective_rule
+from ._policy import on_gspmd_mesh as on_gspmd_mesh
+from ._policy import unpartitionable as unpartitionable
+from ._policy import unsupported as unsupported
+from ._policy import use_kernel
 
-MODES = ("auto", "xla", "fused")
-ENV = "JADAM_KERNEL"
-ENV_VALUES = ("inplace", "xla", "fused")
-AUTO = "inplace"
-"""What ``kernel="auto"`` runs unless ``$JADAM_KERNEL`` says otherwise:
-
-* ``"inplace"`` (default): the kernel for steps that apply the update in
-  place (``jadam.step``, on tree or packed params), where it is measured
-  faster (BENCHMARKS.md); XLA's ops for the updates that the optax drop-in
-  (``jadam.adam(...).update``) returns, where the kernel would write a fresh
-  buffer that XLA's fused ``p + u`` does not need (about 2x slower), and
-  which stay bit-identical to optax; but the kernel for those too when a
-  moment is quantized (q8: XLA's decode and encode make that step about 2x
-  slower than the kernel's, and no quantized step is optax's bits anyway)
-  or the master weights are ``"q8"`` (XLA's ``frexp`` and ``ldexp`` of every
-  param: 1.7x slower; ``benchmarks/master_kernel.py``);
-* ``"fused"``: the kernel wherever it can run;
-* ``"xla"``: never.
-
-Under ``"auto"`` a step on arrays of a GSPMD mesh with more than one device
-(the context mesh of ``jax.set_mesh``, or arrays placed on such a mesh) runs
-XLA's ops: the kernel has no partitioning rule, and XLA would gather its
-operands. Inside ``shard_map`` and ``pmap`` the arrays are local: the kernel
-runs there."""
 GROUP = int(os.environ.get("JADAM_KERNEL_GROUP", 64))
 """Leaves per kernel call."""
-_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 
 def available() -> bool:
@@ -131,110 +115,11 @@ def update_and_finish(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunk
   static = _Static(rule, hp, chunks, use_wd, scale_lr, apply, tuple(out_dtypes))
   dyn = (static.dynamic_hp(hp), scalars,
          [(c.grad, tuple(c.moments), c.param) for c in chunks], finite)
-  use = _use_kernel(rule, hp, chunks, apply, for_mesh)
+  use = use_kernel(rule, hp, chunks, apply, for_mesh, use_wd)
+  static.partition = use == "partition"
   fn = _fused_with_fallbacks(static) if use else static.xla
   results, finite = fn(dyn)
   return _update.next_count(count, count_inc, finite), results, finite
-
-
-def effective_rule(rule: _rule.Rule) -> _rule.Rule:
-  """``rule`` with ``kernel="auto"`` resolved by ``$JADAM_KERNEL`` (:data:`AUTO`):
-  ``"xla"``, ``"auto"`` (the kernel for in-place steps) or
-  :data:`jadam._rule.AUTO_ANYWHERE`. Called before a step is traced, so the
-  choice is part of the jit's cache key."""
-  if rule.kernel != "auto":
-    return rule
-  mode = auto_mode()
-  if mode == "inplace":
-    return rule
-  return dataclasses.replace(rule, kernel="xla" if mode == "xla" else _rule.AUTO_ANYWHERE)
-
-
-def auto_mode() -> str:
-  """What ``kernel="auto"`` means now: ``"inplace"``, ``"xla"`` or ``"fused"``."""
-  mode = os.environ.get(ENV) or AUTO
-  if mode not in ENV_VALUES:
-    raise ValueError(f"${ENV} must be one of {ENV_VALUES}, got {mode!r}")
-  return mode
-
-
-def _use_kernel(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply, for_mesh) -> bool:
-  mode = rule.kernel
-  if mode == "auto":  # not resolved by effective_rule: read the environment now
-    mode = effective_rule(rule).kernel
-  if mode == "xla" or not chunks:
-    return False
-  if mode == "auto" and apply is None and not _quantized(chunks) and rule.master != "q8":
-    return False  # updates returned to the caller: XLA fuses them into p + u
-  why = "a flat layout packed for a mesh" if for_mesh else unsupported(rule, hp, chunks, apply)
-  if why is None and mode != "fused" and on_gspmd_mesh(chunks):
-    return False
-  if why is None and not _ffi.available():
-    return False  # a notice was logged
-  if why is not None and mode == "fused":
-    raise ValueError(f"kernel='fused' cannot run this step: {why} (use kernel='auto', "
-                     "which runs such steps as XLA ops)")
-  return why is None
-
-
-def _quantized(chunks) -> bool:
-  return any(isinstance(m, _quant.QArray) for c in chunks for m in c.moments)
-
-
-def on_gspmd_mesh(chunks) -> bool:
-  """Whether the step's arrays may be split by GSPMD: a context mesh (or a
-  mesh in an array's type) with more than one device on axes that are not
-  manual (``shard_map``'s are)."""
-  meshes = [jax.sharding.get_abstract_mesh()]
-  for c in chunks:
-    for x in _arrays(c):
-      meshes.append(getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None))
-  for mesh in filter(None, meshes):
-    manual = set(getattr(mesh, "manual_axes", ()) or ())
-    if any(size > 1 and name not in manual for name, size in mesh.shape.items()):
-      return True
-  return False
-
-
-def _arrays(chunk) -> list:
-  """The arrays of a chunk: gradient, param and moments (a quantized
-  moment's codes and scales)."""
-  return jax.tree.leaves((chunk.grad, chunk.param, tuple(chunk.moments)))
-
-
-def unsupported(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply) -> str | None:
-  """Why the kernel cannot run this step, or None if it can."""
-  if jax.default_backend() != "cpu":
-    return f"it runs on CPU only, not {jax.default_backend()}"
-  if rule.master and rule.trust_ratio:
-    return "LAMB with master weights"
-  if rule.trust_ratio and rule.skip_nonfinite:
-    return "LAMB with skip_nonfinite"
-  if apply not in (None, "fused"):
-    return f"apply={apply!r}"
-  for k, v in hp._asdict().items():
-    if v is not None and not isinstance(v, (int, float)) and jnp.result_type(v) != np.float32:
-      return f"hyperparameter {k} of dtype {jnp.result_type(v)} (float32 only)"
-  for c in chunks:
-    if not isinstance(c.segments, (type(_segments.WHOLE), _segments.BufferSegments)):
-      # Slices of packed buffers (ZeRO): where a leaf starts depends on the
-      # device, so per-leaf norms and masks are not static offsets.
-      if rule.trust_ratio:
-        return f"LAMB on chunks split by {type(c.segments).__name__}"
-      if _update.uses_weight_decay(hp) and len(set(c.decay)) > 1:
-        return f"a weight decay mask within chunks split by {type(c.segments).__name__}"
-
-    for m in c.moments:
-      if isinstance(m, _quant.QArray) and m.rank1:
-        return "rank-1 quantized moments"
-    # (A quantized moment's codes are uint8; master weights' state, float32 or int8.)
-    for x in _arrays(c._replace(moments=c.moments[:-1]) if rule.master else c):
-      if x.dtype != np.uint8 and np.dtype(x.dtype) not in _DTYPES:
-        return f"dtype {x.dtype} (float32, bfloat16 and float16 only)"
-    if any(explicit_sharding(x) is not None for x in _arrays(c)):
-      return "arrays split over a mesh"
-  return None
-
 
 def _fused_with_fallbacks(static: "_Static"):
   """The kernel call, with XLA's ops under ``vmap`` and in derivatives."""
@@ -256,6 +141,7 @@ class _Static:
   """Everything of a step but its arrays: the two ways to run it."""
 
   def __init__(self, rule, hp, chunks, use_wd, scale_lr, apply, out_dtypes):
+    self.partition = False  # the kernel on each device's shards (set by update_and_finish)
     self.rule, self.use_wd, self.scale_lr = rule, use_wd, scale_lr
     self.apply, self.out_dtypes = apply, out_dtypes
     self.hp_static = hp._replace(**{k: None for k in self.dynamic_hp(hp)})
@@ -302,6 +188,8 @@ class _Static:
     the step's flag, when the caller has it (else the kernel reads it)."""
     if not self.rule.skip_nonfinite:
       finite = None
+    elif finite is None and self.partition:  # a device sees only its shards
+      finite = _update.all_finite([c.grad for c in chunks])
     if len(chunks) <= GROUP:
       results, found = self._call(hp, scalars, chunks, out_dtypes, finite)
       return results, (finite if finite is not None else found)
@@ -317,14 +205,14 @@ class _Static:
     rule = self.rule
     vector = _scalar_vector(hp, scalars, use_wd=self.use_wd, scale_lr=self.scale_lr,
                             finite=finite)
-    ranges = [_decay_ranges(c, self.use_wd) for c in chunks]
+    ranges = [decay_ranges(c, self.use_wd) for c in chunks]
     has_param = (self.apply is not None or any(ranges) or rule.master) and all(
         c.param is not None for c in chunks)
     leaves = [(c.grad, c.moments, c.param) for c in chunks]
     common = dict(kind=rule.kind, nesterov=rule.nesterov, n_moments=len(rule.optax_names),
                   master=rule.master, frozen_nu=bool(rule.nu_frozen_at),
                   has_param=has_param, scale_lr=self.scale_lr, wd_ranges=ranges,
-                  out_dtypes=out_dtypes)
+                  out_dtypes=out_dtypes, partition=self.partition)
     if not rule.trust_ratio:
       mode = "apply" if self.apply else "update"
       skip = 0 if not rule.skip_nonfinite else (1 if finite is None else 2)
@@ -360,30 +248,6 @@ def _scalar_vector(hp: _rule.Hyper, sc: _rule.StepScalars, *, use_wd: bool,
       neg_lr=-hp.learning_rate if scale_lr else 1.0,
       finite_in=1.0 if finite is None else jnp.where(finite, 1.0, 0.0))
   return jnp.stack([jnp.asarray(values[k], jnp.float32) for k in _ffi.SCALARS])
-
-
-def _decay_ranges(chunk, use_wd: bool) -> list[tuple[int, int]]:
-  """The element ranges of ``chunk`` where weight decay applies."""
-  n = int(np.prod(chunk.grad.shape))
-  if not use_wd or not n:
-    return []
-  if chunk.segments is _segments.WHOLE:
-    return [(0, n)] if chunk.decay[0] else []
-  flags = tuple(chunk.decay)
-  if all(flags):  # the padding is zero: decaying it changes nothing
-    return [(0, n)]
-  if not any(flags):
-    return []
-  ranges, at = [], 0
-  for size, flag in zip(chunk.segments.sizes, flags + (False,)):
-    if flag and size:
-      if ranges and ranges[-1][1] == at:
-        ranges[-1] = (ranges[-1][0], at + size)
-      else:
-        ranges.append((at, at + size))
-    at += size
-  return ranges
-
 
 def _segment_ends(chunk) -> list[int]:
   """End offsets of the segments over which ``chunk.segments.norms`` sums

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _codes, _quant
+from . import _partition
 
 _LOG = logging.getLogger("jadam")
 
@@ -174,7 +175,7 @@ def _qformats(leaves, n_moments: int):
 
 def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_param: bool,
          mode: str, scale_lr: bool, skip: int, wd_ranges, out_dtypes, master=None,
-         frozen_nu: bool = False):
+         frozen_nu: bool = False, partition: bool = False):
   """One call of the step kernel.
 
   Args:
@@ -197,43 +198,68 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
       ``"float32"`` or ``"q8"`` (then ``has_param``; not ``"direction"``).
     frozen_nu: ``nu`` stays as it is (1-bit Adam after its warm-up; its
       quantized codes are encoded again, as the XLA path encodes them).
+    partition: run on each device's shards under GSPMD
+      (:mod:`jadam._kernel._partition`): float moments, each leaf's decay
+      everywhere or nowhere, ``skip`` 0 or 2.
 
   Returns:
     ``([(out, moments)] per leaf, finite or None)``: the moments in their
     formats, updated in place.
   """
   args, outs, aliases = [scalars], [], {}
-  for (g, moments, p), dtype in zip(leaves, out_dtypes):
+  out_src, leaf_of_arg, leaf_of_out = [], [None], []  # (for partition)
+  for j, ((g, moments, p), dtype) in enumerate(zip(leaves, out_dtypes)):
     out_dtype = {"apply": p.dtype if p is not None else None,
                  "direction": jnp.float32}.get(mode, dtype)
     at_out = len(outs)
     outs.append(jax.ShapeDtypeStruct(g.shape, out_dtype))
+    out_src.append(len(args))
     args.append(g)
     # The moments are updated in place: an array, or a QArray's codes and
     # scales; and so is the master weights' state.
     for x in jax.tree.leaves(tuple(moments)):
       aliases[len(args)] = len(outs)
+      out_src.append(len(args))
       args.append(x)
       outs.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
     if has_param:
       if mode == "apply":  # and so are the params
         aliases[len(args)] = at_out
       args.append(p)
+    leaf_of_arg += [j] * (len(args) - len(leaf_of_arg))
+    leaf_of_out += [j] * (len(outs) - len(leaf_of_out))
   if skip:
     outs.append(jax.ShapeDtypeStruct((), jnp.bool_))
-  offsets, flat = [0], []
-  for ranges in wd_ranges:
-    flat += [x for r in ranges for x in r]
-    offsets.append(offsets[-1] + len(ranges))
+    out_src.append(None)
+    leaf_of_out.append(None)
   qslots, qint, qfloat = _qformats(leaves, n_moments)
-  res = jax.ffi.ffi_call(STEP_TARGET, outs, input_output_aliases=aliases,
-                         vmap_method="sequential")(
-      *args, kind=np.int64(KINDS[kind]), nesterov=bool(nesterov),
-      n_moments=np.int64(n_moments), has_param=bool(has_param), mode=np.int64(MODES[mode]),
-      scale_lr=bool(scale_lr), skip=np.int64(skip), master=np.int64(MASTERS[master]),
-      frozen_nu=bool(frozen_nu),
-      wd_offsets=_i64(offsets),
-      wd_ranges=_i64(flat), qslots=qslots, qint=qint, qfloat=qfloat)
+  gradients = [i for i, j in enumerate(leaf_of_arg) if j is not None and
+               (i == 1 or leaf_of_arg[i - 1] != j)]
+
+  def build(shapes):
+    # A shard of a leaf decays where the leaf does: everywhere or nowhere.
+    sizes = [int(np.prod(shapes[i])) for i in gradients]
+    local = wd_ranges if not partition else [[(0, n)] if r else [] for r, n in
+                                              zip(wd_ranges, sizes)]
+    offsets, flat = [0], []
+    for ranges in local:
+      flat += [x for r in ranges for x in r]
+      offsets.append(offsets[-1] + len(ranges))
+    shaped = [o if i is None else jax.ShapeDtypeStruct(shapes[i], o.dtype)
+              for o, i in zip(outs, out_src)]
+    return functools.partial(
+        jax.ffi.ffi_call(STEP_TARGET, shaped, input_output_aliases=aliases,
+                         vmap_method="sequential"),
+        kind=np.int64(KINDS[kind]), nesterov=bool(nesterov),
+        n_moments=np.int64(n_moments), has_param=bool(has_param), mode=np.int64(MODES[mode]),
+        scale_lr=bool(scale_lr), skip=np.int64(skip), master=np.int64(MASTERS[master]),
+        frozen_nu=bool(frozen_nu), wd_offsets=_i64(offsets), wd_ranges=_i64(flat),
+        qslots=qslots, qint=qint, qfloat=qfloat)
+
+  if partition:
+    res = _partition.elementwise(build, args, leaf_of_arg, leaf_of_out)
+  else:
+    res = build([x.shape for x in args])(*args)
   res, pairs = iter(res), []
   for _, moments, _ in leaves:
     out = next(res)
