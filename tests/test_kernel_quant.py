@@ -270,3 +270,37 @@ def test_auto_runs_the_kernel_for_quantized_drop_in_updates(monkeypatch):
   assert custom_calls(q8.update, small, q8.init(small), small) == 0
   monkeypatch.setenv("JADAM_KERNEL", "xla")  # read when a step is traced: a new function
   assert custom_calls(lambda *a: q8.update(*a), big, q8.init(big), big) == 0
+
+
+def test_drop_in_update_overwrites_a_temporary_gradient():
+  """The drop-in's update (float32 gradient, float32 update) is written over
+  the gradient, block by block after reading it: in a train step whose
+  gradient is computed in the same jit, the custom call's update output is
+  aliased to its gradient operand, and no copy of the gradient is made (a
+  fresh 64 MB buffer per step costs a page fault per 8 KB: BENCHMARKS.md);
+  the step equals the XLA path's to float32 rounding."""
+  params = q8_tree()
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(96,)), jnp.float32)
+
+  def train_step(tx):
+    def step(p, s):
+      g = jax.grad(lambda p: jnp.sum(jnp.tanh(x @ p["w"])) + jnp.sum(p["b"] ** 2)
+                   + jnp.sum(p["s"] ** 2))(p)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    return jax.jit(step, donate_argnums=(0, 1))
+
+  txs = {k: jadam.adam(1e-2, mu_dtype="q8", nu_dtype="q8", kernel=k) for k in ("fused", "xla")}
+  state = txs["xla"].init(params)
+  hlo = train_step(txs["fused"]).lower(params, state).compile().as_text()
+  call = next(l for l in hlo.splitlines() if "custom-call(" in l and "jadam_adam_step" in l)
+  operands = re.search(r"custom-call\(([^)]*)\)", call).group(1).split(", ")
+  aliased = dict((int(o), int(i)) for o, i in re.findall(r"\{(\d+)\}: \((\d+), \{\}\)", call))
+  assert aliased[0] == 1 and operands[1].startswith("%multiply")  # the update: the gradient
+  assert " copy(" not in hlo[hlo.index("ENTRY"):]  # (params and state donated)
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # pylint: disable=unnecessary-lambda-assignment
+  (pf, sf), (px, sx) = (train_step(tx)(copy(params), copy(state))
+                        for tx in (txs["fused"], txs["xla"]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **CLOSE),
+               pf, px)
+  assert_states_agree(sf, sx)

@@ -214,6 +214,11 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
     at_out = len(outs)
     outs.append(jax.ShapeDtypeStruct(g.shape, out_dtype))
     out_src.append(len(args))
+    if mode == "update" and g.dtype == out_dtype:
+      # The update overwrites the gradient, block by block after reading it: a
+      # gradient computed in the same jit (a temporary) gives its buffer, where
+      # a fresh one would be faulted in page by page every step.
+      aliases[len(args)] = at_out
     args.append(g)
     # The moments are updated in place: an array, or a QArray's codes and
     # scales; and so is the master weights' state.

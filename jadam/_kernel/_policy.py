@@ -27,9 +27,11 @@ AUTO = "inplace"
 * ``"inplace"`` (default): the kernel for steps that apply the update in
   place (``jadam.step``, on tree or packed params), where it is measured
   faster (BENCHMARKS.md); XLA's ops for the updates that the optax drop-in
-  (``jadam.adam(...).update``) returns, where the kernel would write a fresh
-  buffer that XLA's fused ``p + u`` does not need (about 2x slower), and
-  which stay bit-identical to optax; but the kernel for those too when a
+  (``jadam.adam(...).update``) returns, where the kernel writes the update
+  over the gradient, which XLA's fused ``p + u`` does not need (level with
+  XLA in a train step, about 2x slower on a gradient passed in, which XLA
+  copies first), and which stay bit-identical to optax; but the kernel for
+  those too when a
   moment is quantized (q8: XLA's decode and encode make that step about 2x
   slower than the kernel's, and no quantized step is optax's bits anyway)
   or the master weights are ``"q8"`` (XLA's ``frexp`` and ``ldexp`` of every
