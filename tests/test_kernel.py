@@ -269,6 +269,10 @@ NP_RULES = {
     "adamax": _rule.Rule(kind="adamax", kernel="fused"),
     "radam": _rule.Rule(kind="radam", kernel="fused"),
     "nradam": _rule.Rule(kind="radam", nesterov=True, kernel="fused"),
+    # 1-bit Adam after its warm-up: nu frozen (at step 3 here), read, not updated.
+    "adam_frozen": _rule.Rule(nu_frozen_at=3, kernel="fused"),
+    "amsgrad_frozen": _rule.Rule(kind="amsgrad", nu_frozen_at=3, kernel="fused"),
+    "adamax_frozen": _rule.Rule(kind="adamax", nu_frozen_at=3, kernel="fused"),
 }
 
 
@@ -320,7 +324,7 @@ def test_bit_identical_to_a_numpy_float32_reference(name, apply):
     for i, (out, new_moments) in enumerate(results):
       ref_out, ref_moments = _np_adam.step(
           rule.kind, rule.nesterov, scalars, grads[i], [m[i] for m in moments], params[i],
-          decay[i], apply)
+          decay[i], apply, frozen=bool(rule.nu_frozen_at))
       np.testing.assert_array_equal(np.asarray(out), ref_out, err_msg=f"leaf {i}")
       for got, ref in zip(new_moments, ref_moments):
         np.testing.assert_array_equal(np.asarray(got), ref, err_msg=f"leaf {i} moments")

@@ -330,47 +330,12 @@ def test_named_strategy_and_bad_options():
 # ------------------------------------------------------------ the fused kernel
 
 
-@pytest.mark.parametrize("kind,nesterov", [("adam", False), ("adam", True), ("amsgrad", False),
-                                           ("adamax", False)])
-def test_kernel_frozen_nu_bit_identical_to_numpy(kind, nesterov):
-  """The fused kernel's step with ``nu`` frozen at step 3 (steps 6 to 8):
-  updates and moments bit for bit NumPy's float32 rule, ``nu`` unchanged."""
-  from jadam import _kernel  # pylint: disable=import-outside-toplevel
-  from jadam._kernel import _ffi  # pylint: disable=import-outside-toplevel
-  import _np_adam  # pylint: disable=import-outside-toplevel
-  from test_kernel import whole_leaf_kernel_step  # pylint: disable=import-outside-toplevel
-  if not _kernel.available():
-    pytest.skip("the fused kernel is not built here (no C++ compiler)")
-  rule = _rule.Rule(kind, nesterov=nesterov, nu_frozen_at=3, kernel="fused")
-  hp = _rule.Hyper(3e-3, 0.9, 0.99, 1e-8, 0.0, 0.05)
-  rng = np.random.default_rng(9)
-  sizes, decay = (70001, 513), (True, False)
-  params = [jnp.asarray(rng.normal(size=n), jnp.float32) for n in sizes]
-  moments = [[jnp.asarray(np.abs(rng.normal(size=n)) * 1e-3, jnp.float32) for n in sizes]
-             for _ in rule.moment_names]
-  kernel_step = whole_leaf_kernel_step(rule, hp, decay, False, [jnp.float32] * len(sizes))
-  count = jnp.asarray(5, jnp.int32)
-  for _ in range(3):
-    grads = [jnp.asarray(rng.normal(size=n) * 1e-2, jnp.float32) for n in sizes]
-    vector, count, results = kernel_step(count, grads, moments, params)
-    scalars = dict(zip(_ffi.SCALARS, np.asarray(vector)))
-    for i, (out, new_moments) in enumerate(results):
-      ref_out, ref_moments = _np_adam.step(kind, nesterov, scalars, grads[i],
-                                           [m[i] for m in moments], params[i], decay[i], False,
-                                           frozen=True)
-      np.testing.assert_array_equal(np.asarray(out), ref_out, err_msg=f"leaf {i}")
-      for got, ref in zip(new_moments, ref_moments):
-        np.testing.assert_array_equal(np.asarray(got), ref, err_msg=f"leaf {i} moments")
-      np.testing.assert_array_equal(np.asarray(new_moments[1]), np.asarray(moments[1][i]))
-    moments = [[r[1][k] for r in results] for k in range(len(rule.moment_names))]
-  assert int(count) == 8
-
-
 @pytest.mark.parametrize("layout", ["tree", "flat"])
 def test_kernel_runs_the_frozen_steps(monkeypatch, layout):
   """``OneBit`` with ``kernel="fused"``: the steps after the warm-up run the
   kernel with ``nu`` frozen, and the run agrees with XLA's ops to float32
-  rounding (as the layouts do)."""
+  rounding (as the layouts do). (The kernel's frozen rule against NumPy's:
+  tests/test_kernel.py.)"""
   from jadam import _kernel  # pylint: disable=import-outside-toplevel
   from jadam._kernel import _ffi  # pylint: disable=import-outside-toplevel
   if not _kernel.available():
