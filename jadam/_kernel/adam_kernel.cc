@@ -57,8 +57,10 @@ struct Scratch {
 
 // Inputs after the scalars, per leaf: g, per moment its buffer (or codes and
 // scales), [master state], [p]. Outputs per leaf: out, per moment its buffer
-// (or codes and scales), [master state]; then (with skip) the finite flag. `mode`: 0 update, 1 new params
-// (p + u), 2 direction with weight decay, float32 (LAMB's first pass).
+// (or codes and scales), [master state]; then (with skip) the finite flag.
+// `out` may alias g (the update written over the gradient: each block is read
+// before its update is written). `mode`: 0 update, 1 new params (p + u), 2
+// direction with weight decay, float32 (LAMB's first pass).
 // `qslots`: per leaf and moment, the index of its quantized format or -1.
 // `master`: the master weights' format (adam_master.h), 0 for none.
 // `frozen_nu`: nu stays as it is (1-bit Adam after its warm-up).
