@@ -70,3 +70,42 @@ def encode(x, fmt) -> tuple[np.ndarray, np.ndarray]:
   if fmt.bits == 4:
     idx = ((idx[0::2] << 4) | idx[1::2]).astype(np.uint8)
   return idx, absmax.astype(F32)
+
+
+# ------------------------------------------------------------- rank-1
+# A tensor of two or more dimensions: per dimension the maximum |value| over
+# all others; each element's norm, the minimum of its dimensions' maxima (in
+# order, NaN propagating); codes over the whole tensor, the last nibble of an
+# odd count the code of 0.
+
+def rank1_norm(stats) -> np.ndarray:
+  k = len(stats)
+  out = None
+  for i, s in enumerate(stats):
+    s = np.asarray(s, F32).reshape((1,) * i + (-1,) + (1,) * (k - i - 1))
+    out = s if out is None else np.minimum(out, s)
+  return out
+
+
+def decode_rank1(codes, stats, fmt, view) -> np.ndarray:
+  """A rank-1 moment of shape ``view`` as float32 values (flat)."""
+  n = int(np.prod(view))
+  idx = unpack(codes, fmt.bits)[:n].reshape(view)
+  return (np.asarray(fmt.table, F32)[idx] * rank1_norm(stats)).reshape(-1)
+
+
+def encode_rank1(x, fmt, view):
+  """``(codes, stats)`` of float32 values ``x`` of shape ``view``."""
+  t = np.asarray(x, F32).reshape(view)
+  a = np.abs(t)
+  stats = [np.max(a, axis=tuple(j for j in range(a.ndim) if j != i)).astype(F32)
+           for i in range(a.ndim)]
+  norm = rank1_norm(stats)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    xn = np.where(norm > 0, t / np.where(norm > 0, norm, F32(1)), F32(0)).reshape(-1)
+  if fmt.bits == 4:
+    xn = np.pad(xn, (0, xn.size % 2))
+  idx = nearest(xn, fmt.bits, fmt.code, bool(fmt.signed))
+  if fmt.bits == 4:
+    idx = ((idx[0::2] << 4) | idx[1::2]).astype(np.uint8)
+  return idx, stats

@@ -109,6 +109,83 @@ def test_bit_identical_to_a_numpy_float32_reference(fmt, name, apply):
   assert int(count) == 6
 
 
+RANK1 = Q(4, 128, "linear", rank1=True, signed=False)  # q4's nu on a tensor
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the inf step
+@pytest.mark.parametrize("name,apply", [("adam", False), ("amsgrad", True)])
+def test_rank1_bit_identical_to_a_numpy_float32_reference(name, apply):
+  """q4 as the optimizers store it on tensors: ``mu`` block-wise, ``nu`` (and
+  AMSGrad's ``nu_max``) rank-1 (codes over the whole tensor times the minimum
+  of its dimensions' maxima). Codes, maxima, updates and params bit for bit
+  NumPy's for 5 teacher-forced steps: 2-D and 3-D tensors over several work
+  items, an odd element count (a padded last nibble), one float32-moment
+  leaf beside them, and an inf gradient at step 3 (NaN maxima propagated)."""
+  rule = RULES[name]
+  hp = _rule.Hyper(learning_rate=3e-3, b1=0.9, b2=0.99, eps=1e-8, eps_root=1e-12,
+                   weight_decay=0.05)
+  rng = np.random.default_rng(12)
+  shapes = ((300, 101), (7, 9, 13), (64, 80), (3000,))
+  decay = (True, False, True, True)
+  params = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+  mu_fmt = FORMATS["q4_dynamic_128"][0]
+
+  def initial(k, shape):
+    x = np.abs(rng.normal(size=shape)).astype(np.float32) * 1e-3
+    if len(shape) == 1:
+      return jnp.asarray(x)
+    if k == 0:
+      x = x * np.sign(rng.normal(size=shape)).astype(np.float32)
+      codes, scales = _np_quant.encode(x, mu_fmt)
+      return _quant.QArray(jnp.asarray(codes.reshape(scales.size, -1)), (jnp.asarray(scales),),
+                           mu_fmt, shape)
+    codes, stats = _np_quant.encode_rank1(x, RANK1, shape)
+    return _quant.QArray(jnp.asarray(codes), tuple(map(jnp.asarray, stats)), RANK1, shape, shape)
+
+  def as_np(m, shape):
+    if not isinstance(m, _quant.QArray):
+      return np.asarray(m).reshape(-1)
+    if m.rank1:
+      return _np_quant.decode_rank1(np.asarray(m.codes), [np.asarray(s) for s in m.scales],
+                                    m.fmt, shape)
+    return _np_quant.decode(np.asarray(m.codes), np.asarray(m.scales[0]), m.fmt,
+                            int(np.prod(shape)))
+
+  moments = [[initial(k, s) for s in shapes] for k in range(len(rule.moment_names))]
+  kernel_step = whole_leaf_kernel_step(rule, hp, decay, apply, [jnp.float32] * len(shapes))
+  count = jnp.asarray(0, jnp.int32)
+  for step in range(5):
+    grads = [rng.normal(size=s).astype(np.float32) * 1e-2 for s in shapes]
+    if step == 3:
+      grads[1][2, 3, 4] = np.inf
+    grads = [jnp.asarray(g) for g in grads]
+    vector, count, results = kernel_step(count, grads, moments, params)
+    scalars = dict(zip(_ffi.SCALARS, np.asarray(vector)))
+    for i, (out, new_moments) in enumerate(results):
+      old = [as_np(m[i], shapes[i]) for m in moments]
+      ref_out, ref_moments = _np_adam.step(rule.kind, rule.nesterov, scalars,
+                                           np.asarray(grads[i]).reshape(-1), old,
+                                           np.asarray(params[i]).reshape(-1), decay[i], apply)
+      where = f"step {step} leaf {i}"
+      np.testing.assert_array_equal(np.asarray(out).reshape(-1), ref_out, err_msg=where)
+      for k, (got, ref) in enumerate(zip(new_moments, ref_moments)):
+        if isinstance(got, _quant.QArray) and got.rank1:
+          codes, stats = _np_quant.encode_rank1(ref, got.fmt, shapes[i])
+          for d, (a, b) in enumerate(zip(got.scales, stats)):
+            np.testing.assert_array_equal(np.asarray(a), b, err_msg=f"{where} moment {k} dim {d}")
+          np.testing.assert_array_equal(np.asarray(got.codes), codes, err_msg=f"{where} moment {k}")
+        elif isinstance(got, _quant.QArray):
+          codes, scales = _np_quant.encode(ref, got.fmt)
+          np.testing.assert_array_equal(np.asarray(got.scales[0]), scales, err_msg=where)
+          np.testing.assert_array_equal(np.asarray(got.codes).reshape(-1), codes, err_msg=where)
+        else:
+          np.testing.assert_array_equal(np.asarray(got), ref, err_msg=f"{where} moment {k}")
+    moments = [[r[1][k] for r in results] for k in range(len(rule.moment_names))]
+    if apply:
+      params = [r[0] for r in results]
+  assert int(count) == 5
+
+
 # ------------------------------------------- through the optimizers and layouts
 
 CLOSE = dict(rtol=2e-6, atol=5e-8)  # float32 rounding (as tests/test_kernel.py)
@@ -141,7 +218,8 @@ def assert_states_agree(got, want):
     if qs(b):
       n_quantized += 1
       assert qs(a) and a.fmt == b.fmt
-      np.testing.assert_allclose(np.asarray(a.scales[0]), np.asarray(b.scales[0]), **CLOSE)
+      for sa, sb in zip(a.scales, b.scales, strict=True):  # rank-1: one per dimension
+        np.testing.assert_allclose(np.asarray(sa), np.asarray(sb), **CLOSE)
       diff = np.abs(np.asarray(a.codes, np.int32) - np.asarray(b.codes, np.int32))
       assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, (diff.max(), np.mean(diff > 0))
     else:
@@ -149,14 +227,16 @@ def assert_states_agree(got, want):
   return n_quantized
 
 
-@pytest.mark.parametrize("layout", ["tree", "flat"])
-def test_q8_updates_agree_with_the_xla_path(layout):
+@pytest.mark.parametrize("fmt,layout", [("q8", "tree"), ("q8", "flat"), ("q4", "tree"),
+                                        ("q4", "flat")])
+def test_q8_updates_agree_with_the_xla_path(fmt, layout):
   """``jadam.adam(mu_dtype="q8", nu_dtype="q8")`` with the kernel forced, in
-  the tree layout and the flat one (packed buffers): one kernel call per step,
-  and from the same state and gradient (teacher-forced, 5 steps) the XLA
-  path's updates to float32 rounding and its codes to within one."""
+  the tree layout and the flat one (packed buffers), and q4 (``nu`` rank-1
+  on the matrix, at the start of its buffer when flat): one kernel call per step, and from the
+  same state and gradient (teacher-forced, 5 steps) the XLA path's updates to
+  float32 rounding and its codes to within one."""
   params = q8_tree()
-  txs = {k: jadam.adam(1e-2, mu_dtype="q8", nu_dtype="q8", layout=layout, kernel=k)
+  txs = {k: jadam.adam(1e-2, mu_dtype=fmt, nu_dtype=fmt, layout=layout, kernel=k)
          for k in ("fused", "xla")}
   state = txs["xla"].init(params)
   assert custom_calls(txs["fused"].update, params, state, params) == 1
@@ -203,19 +283,18 @@ def test_q8_skipped_step_leaves_codes_and_scales_as_they_were(packed):
   assert int(optax.tree_utils.tree_get(state, "count")) == 2  # the two bad steps not counted
 
 
-def test_rank1_moments_stay_on_the_xla_path(monkeypatch):
-  """q4's nu is rank-1 on a 2-D leaf (row and column maxima of the whole
-  tensor): "auto" runs such a step as XLA ops, "fused" says why it cannot;
-  on 1-D leaves q4 is block-wise in both moments and the kernel runs it."""
+def test_auto_runs_rank1_moments_in_the_kernel_in_both_layouts(monkeypatch):
+  """q4's ``nu`` is rank-1 on a 2-D leaf, in the tree layout and at the start
+  of its own packed buffer in the flat layout (the rest decodes to 0): "auto"
+  runs both in the kernel, one call each."""
   monkeypatch.setenv("JADAM_KERNEL", "fused")  # "auto": the kernel wherever it can run
   matrix = {"w": jnp.ones((64, 80))}
   vector = {"w": jnp.ones((5120,))}
-  q4 = jadam.adam(1e-3, mu_dtype="q4", nu_dtype="q4")
-  assert custom_calls(q4.update, matrix, q4.init(matrix), matrix) == 0
-  assert custom_calls(q4.update, vector, q4.init(vector), vector) == 1
-  forced = jadam.adam(1e-3, mu_dtype="q4", nu_dtype="q4", kernel="fused")
-  with pytest.raises(ValueError, match="rank-1 quantized moments"):
-    forced.update(matrix, forced.init(matrix), matrix)
+  for layout in ("tree", "flat"):
+    q4 = jadam.adam(1e-3, mu_dtype="q4", nu_dtype="q4", layout=layout)
+    assert any(m.rank1 for m in quantized_moments(q4.init(matrix)))
+    assert custom_calls(q4.update, matrix, q4.init(matrix), matrix) == 1
+    assert custom_calls(q4.update, vector, q4.init(vector), vector) == 1
 
 
 def test_zero2_slices_with_q8_moments_run_the_kernel():

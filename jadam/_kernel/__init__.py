@@ -20,14 +20,14 @@ Which path runs (``kernel=`` of every optimizer, :attr:`jadam._rule.Rule.kernel`
   their ``shard_map``; not LAMB or a weight decay mask there: where a leaf
   starts in a slice depends on the device), and with block-wise quantized
   moments (``q8``, and ``q4``'s ``mu``: decoded, updated and encoded in the
-  same pass, ``adam_quant.h``), and master weights (``"float32"`` or ``"q8"``:
+  same pass, ``adam_quant.h``), rank-1 quantized moments (``q4``'s ``nu``
+  on a tensor, or at the start of its packed buffer: a first pass computes
+  the tensor's new maxima, ``adam_rank1.h``), and master weights (``"float32"`` or ``"q8"``:
   the master value decoded, updated and rounded to the param in the same
   pass, ``adam_master.h``), and 1-bit Adam's frozen ``nu``; on arrays that
   GSPMD splits over a mesh, on each device's shards
   (:mod:`jadam._kernel._partition`: not LAMB or block-wise quantized moments
-  there, whose operands are gathered instead). Not: rank-1 quantized moments
-  (``q4``'s ``nu``: its row and column maxima need the whole tensor before
-  any code is written), LAMB with master weights (its trust ratio needs the
+  there, whose operands are gathered instead). Not: LAMB with master weights (its trust ratio needs the
   master values' norms), complex or float64 values, arrays of an
   ``Explicit`` mesh, a flat layout packed for a mesh.
 * ``"xla"``: always the XLA ops.

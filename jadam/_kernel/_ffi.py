@@ -33,7 +33,8 @@ _LOG = logging.getLogger("jadam")
 
 SOURCE = os.path.join(os.path.dirname(__file__), "adam_kernel.cc")
 HEADERS = [os.path.join(os.path.dirname(__file__), name)
-           for name in ("adam_rule.h", "adam_quant.h", "adam_master.h", "adam_threads.h")]
+           for name in ("adam_rule.h", "adam_quant.h", "adam_rank1.h", "adam_master.h",
+                        "adam_threads.h")]
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
          "-fno-trapping-math",
          "-fPIC", "-shared", "-fvisibility=hidden", "-w")
@@ -148,20 +149,23 @@ def _i64(values) -> np.ndarray:
 
 
 def _qformats(leaves, n_moments: int):
-  """The quantized formats of the leaves' moments: ``(qslots, qint,
+  """The quantized formats of the leaves' moments: ``(qslots, qndim, qint,
   qfloat)``, the kernel's attributes (per leaf and moment a format index or
-  -1; per format its bits, block size, dynamic, signed; then its table, the
+  -1, and its number of scale arrays; per format its bits, block size,
+  dynamic, signed; then its table, the
   dynamic map's thresholds and decade scales, ``2**bits + 2 * bits - 1``
   floats)."""
-  formats, slots = [], []
+  formats, slots, ndims = [], [], []
   for _, moments, _ in leaves:
     for m in moments[:n_moments]:
       if not isinstance(m, _quant.QArray):
         slots.append(-1)
+        ndims.append(0)
         continue
       if m.fmt not in formats:
         formats.append(m.fmt)
       slots.append(formats.index(m.fmt))
+      ndims.append(len(m.scales))  # 1 block-wise; rank-1: one per dimension
   ints, floats = [], []
   for fmt in formats:
     signed = bool(fmt.signed)
@@ -170,7 +174,7 @@ def _qformats(leaves, n_moments: int):
     if fmt.code == "dynamic":
       _, scales, thresholds = _codes._dynamic_parts(fmt.bits, signed)  # pylint: disable=protected-access
     floats += [*fmt.table.tolist(), *thresholds, *scales]
-  return _i64(slots), _i64(ints), np.asarray(floats or [0.0], np.float32)
+  return _i64(slots), _i64(ndims), _i64(ints), np.asarray(floats or [0.0], np.float32)
 
 
 def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_param: bool,
@@ -237,7 +241,7 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
     outs.append(jax.ShapeDtypeStruct((), jnp.bool_))
     out_src.append(None)
     leaf_of_out.append(None)
-  qslots, qint, qfloat = _qformats(leaves, n_moments)
+  qslots, qndim, qint, qfloat = _qformats(leaves, n_moments)
   gradients = [i for i, j in enumerate(leaf_of_arg) if j is not None and
                (i == 1 or leaf_of_arg[i - 1] != j)]
 
@@ -259,7 +263,7 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
         n_moments=np.int64(n_moments), has_param=bool(has_param), mode=np.int64(MODES[mode]),
         scale_lr=bool(scale_lr), skip=np.int64(skip), master=np.int64(MASTERS[master]),
         frozen_nu=bool(frozen_nu), wd_offsets=_i64(offsets), wd_ranges=_i64(flat),
-        qslots=qslots, qint=qint, qfloat=qfloat)
+        qslots=qslots, qndim=qndim, qint=qint, qfloat=qfloat)
 
   if partition:
     res = _partition.elementwise(build, args, leaf_of_arg, leaf_of_out)

@@ -157,8 +157,8 @@ def unsupported(rule: _rule.Rule, hp: _rule.Hyper, chunks, apply) -> str | None:
         return f"a weight decay mask within chunks split by {type(c.segments).__name__}"
 
     for m in c.moments:
-      if isinstance(m, _quant.QArray) and m.rank1:
-        return "rank-1 quantized moments"
+      if isinstance(m, _quant.QArray) and m.rank1 and len(m.view) > 8:
+        return "rank-1 quantized moments of more than 8 dimensions"
     # (A quantized moment's codes are uint8; master weights' state, float32 or int8.)
     for x in arrays(c._replace(moments=c.moments[:-1]) if rule.master else c):
       if x.dtype != np.uint8 and np.dtype(x.dtype) not in _DTYPES:

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <cstdint>
 #include <vector>
 
@@ -25,6 +26,7 @@
 
 #include "adam_master.h"
 #include "adam_quant.h"
+#include "adam_rank1.h"
 #include "adam_rule.h"
 #include "adam_threads.h"
 
@@ -42,6 +44,7 @@ struct Leaf {
   ffi::AnyBuffer* g = nullptr;
   ffi::AnyBuffer* p = nullptr;
   Moment m[3];
+  Rank1 r1[3];  // a rank-1 quantized moment's shape and maxima
   ffi::AnyBuffer* master = nullptr;  // master weights' state, in place
   void* master_out = nullptr;
   void* out = nullptr;
@@ -51,7 +54,7 @@ struct Leaf {
 // Per thread: float32 scratch for one block of every operand.
 struct Scratch {
   alignas(64) float g[kMaxQBlock], m[3][kMaxQBlock], p[kMaxQBlock], d[kMaxQBlock],
-      o[kMaxQBlock], pm[kMaxQBlock];
+      o[kMaxQBlock], pm[kMaxQBlock], norm[kMaxQBlock];
   QScratch q;
 };
 
@@ -61,7 +64,9 @@ struct Scratch {
 // `out` may alias g (the update written over the gradient: each block is read
 // before its update is written). `mode`: 0 update, 1 new params (p + u), 2
 // direction with weight decay, float32 (LAMB's first pass).
-// `qslots`: per leaf and moment, the index of its quantized format or -1.
+// `qslots`: per leaf and moment, the index of its quantized format or -1;
+// `qndim`: its number of scale buffers (1 block-wise; rank-1: one per
+// dimension, adam_rank1.h).
 // `master`: the master weights' format (adam_master.h), 0 for none.
 // `frozen_nu`: nu stays as it is (1-bit Adam after its warm-up).
 ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
@@ -70,13 +75,15 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
                     bool scale_lr, int64_t skip, int64_t master, bool frozen_nu,
                     ffi::Span<const int64_t> wd_offsets,
                     ffi::Span<const int64_t> wd_ranges, ffi::Span<const int64_t> qslots,
-                    ffi::Span<const int64_t> qint, ffi::Span<const float> qfloat) {
+                    ffi::Span<const int64_t> qndim, ffi::Span<const int64_t> qint,
+                    ffi::Span<const float> qfloat) {
   if (scalars.element_count() != kNumScalars) {
     return ffi::Error::InvalidArgument("jadam kernel: wrong number of scalars");
   }
   const size_t n_leaves = wd_offsets.size() - 1;
   const std::vector<QFormat> formats = ReadFormats(qint, qfloat);
   if (wd_offsets.size() == 0 || qslots.size() != n_leaves * n_moments || n_moments > 3 ||
+      qndim.size() != qslots.size() ||
       (formats.empty() && qint.size() > 1) || master < kNoMaster || master > kMasterQ8 ||
       (master != kNoMaster && (!has_param || mode == 2))) {
     return ffi::Error::InvalidArgument("jadam kernel: bad attributes");
@@ -90,8 +97,12 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
       if (slot >= static_cast<int64_t>(formats.size())) {
         return ffi::Error::InvalidArgument("jadam kernel: bad quantized format");
       }
-      n_in += slot < 0 ? 1 : 2;
-      n_out += slot < 0 ? 1 : 2;
+      const int64_t nd = qndim[j * n_moments + k];
+      if (slot >= 0 && (nd < 1 || nd > kMaxRank1Dims)) {
+        return ffi::Error::InvalidArgument("jadam kernel: bad quantized format");
+      }
+      n_in += slot < 0 ? 1 : 1 + nd;
+      n_out += slot < 0 ? 1 : 1 + nd;
     }
     n_in += master != kNoMaster;
     n_out += master != kNoMaster;
@@ -128,11 +139,21 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
     for (int64_t k = 0; k < n_moments; ++k) {
       const int64_t slot = qslots[j * n_moments + k];
       const QFormat* q = slot < 0 ? nullptr : &formats[slot];
+      const int64_t nd = q ? qndim[j * n_moments + k] : 0;
       ffi::AnyBuffer* in = &in_bufs[at_in++];
       ffi::AnyBuffer& out = out_bufs[at_out++];
-      ffi::AnyBuffer* s_in = q ? &in_bufs[at_in++] : nullptr;
-      ffi::AnyBuffer* s_out = q ? &out_bufs[at_out++] : nullptr;
-      ok = ok && ReadMoment(L.m[k], q, L.n, in, out, s_in, s_out);
+      if (nd >= 2) {  // rank-1: codes, then one buffer of maxima per dimension
+        std::vector<ffi::AnyBuffer*> scales;
+        for (int64_t d = 0; d < nd; ++d) {
+          scales.push_back(&in_bufs[at_in++]);
+          scales.push_back(&out_bufs[at_out++]);
+        }
+        ok = ok && L.r1[k].Read(L.m[k], q, L.n, static_cast<int>(nd), in, out, scales);
+      } else {
+        ffi::AnyBuffer* s_in = q ? &in_bufs[at_in++] : nullptr;
+        ffi::AnyBuffer* s_out = q ? &out_bufs[at_out++] : nullptr;
+        ok = ok && ReadMoment(L.m[k], q, L.n, in, out, s_in, s_out);
+      }
       if (q) {
         aligned[j] = true;
         L.block = std::max(L.block, q->block);
@@ -166,8 +187,53 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
 
   const DirectionFn direction = PickDirection(kind, nesterov, frozen_nu);
   const float wd = s[kWd], neg_lr = s[kNegLr];
+  // Rank-1 moments: their new maxima, from a first pass that computes every
+  // new value and writes nothing.
+  std::vector<int64_t> rank1_sizes(n_leaves, 0);
+  for (size_t j = 0; j < n_leaves; ++j) {
+    for (int64_t k = 0; k < n_moments; ++k) {
+      if (leaves[j].r1[k].on) rank1_sizes[j] = sizes[j];
+    }
+  }
+  if (finite && std::any_of(rank1_sizes.begin(), rank1_sizes.end(), [](int64_t x) { return x; })) {
+    std::mutex merge;
+    ForEachPiece(pool, rank1_sizes, [&](size_t j, int64_t begin, int64_t end) {
+      Leaf& L = leaves[j];
+      static thread_local Scratch scratch;
+      Scratch& S = scratch;
+      std::vector<float> part[3];
+      for (int64_t k = 0; k < n_moments; ++k) {
+        if (L.r1[k].on) part[k].assign(L.r1[k].shape.total_dims, 0.0f);
+      }
+      for (int64_t at = begin; at < end; at += L.block) {
+        const int64_t n = std::min(L.block, end - at);
+        const float* g = In(L.g->untyped_data(), L.g->element_type(), at, n, S.g);
+        for (int64_t k = 0; k < n_moments; ++k) {
+          const Moment& M = L.m[k];
+          if (L.r1[k].on) {
+            DecodeRank1(*M.q, L.r1[k].shape, M.codes_in, L.r1[k].old_stats.data(), at, n,
+                        S.m[k], S.norm);
+          } else if (M.q) {
+            Decode(*M.q, M.codes_in, M.scales_in, at, n, S.m[k]);
+          } else {  // a copy: this pass writes nothing
+            Load(static_cast<const char*>(M.in->untyped_data()) + at * Width(M.t), M.t, n,
+                 S.m[k]);
+          }
+        }
+        direction(s, g, S.m[0], S.m[1], n_moments > 2 ? S.m[2] : nullptr, S.d, n);
+        for (int64_t k = 0; k < n_moments; ++k) {
+          if (L.r1[k].on) L.r1[k].shape.Fold(S.m[k], at, n, part[k].data());
+        }
+      }
+      std::lock_guard<std::mutex> lock(merge);
+      for (int64_t k = 0; k < n_moments; ++k) {
+        std::vector<float>& stats = L.r1[k].new_stats;
+        for (size_t i = 0; i < part[k].size(); ++i) stats[i] = MaxNan(stats[i], part[k][i]);
+      }
+    }, &aligned);
+  }
   ForEachPiece(pool, sizes, [&](size_t j, int64_t begin, int64_t end) {
-    const Leaf& L = leaves[j];
+    Leaf& L = leaves[j];
     static thread_local Scratch scratch;
     Scratch& S = scratch;
     const int64_t* wr = wd_ranges.begin() + 2 * wd_offsets[j];
@@ -196,7 +262,10 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
       float* m[3] = {S.m[0], S.m[1], S.m[2]};
       for (int64_t k = 0; k < n_moments; ++k) {
         const Moment& M = L.m[k];
-        if (M.q) {
+        if (L.r1[k].on) {
+          DecodeRank1(*M.q, L.r1[k].shape, M.codes_in, L.r1[k].old_stats.data(), at, n, m[k],
+                      S.norm);
+        } else if (M.q) {
           Decode(*M.q, M.codes_in, M.scales_in, at, n, m[k]);
         } else {
           m[k] = InOut(M.in->untyped_data(), M.out, M.t, at, n, m[k]);
@@ -206,7 +275,10 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
       direction(s, g, m[0], m[1], n_moments > 2 ? m[2] : nullptr, d, n);
       for (int64_t k = 0; k < n_moments; ++k) {
         const Moment& M = L.m[k];
-        if (M.q) {
+        if (L.r1[k].on) {
+          EncodeRank1(*M.q, L.r1[k].shape, m[k], L.r1[k].new_stats.data(), at, n, M.codes,
+                      S.norm, S.q);
+        } else if (M.q) {
           Encode(*M.q, m[k], at, n, M.codes, M.scales, S.q);
         } else {
           Flush(m[k], M.out, M.t, at, n);
@@ -240,6 +312,13 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
       }
     }
   }, &aligned);
+  if (finite) {  // the rank-1 maxima, once no code needs the stored ones
+    for (Leaf& L : leaves) {
+      for (int64_t k = 0; k < n_moments; ++k) {
+        if (L.r1[k].on) L.r1[k].Store();
+      }
+    }
+  }
   return ffi::Error::Success();
 }
 
@@ -335,6 +414,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamAdamStep, AdamStep,
                                   .Attr<ffi::Span<const int64_t>>("wd_offsets")
                                   .Attr<ffi::Span<const int64_t>>("wd_ranges")
                                   .Attr<ffi::Span<const int64_t>>("qslots")
+                                  .Attr<ffi::Span<const int64_t>>("qndim")
                                   .Attr<ffi::Span<const int64_t>>("qint")
                                   .Attr<ffi::Span<const float>>("qfloat"));
 

@@ -4,8 +4,7 @@
 // Decode and Encode are jadam._quant.decode / encode and
 // jadam._codes.nearest, operation for operation in float32, so the kernel's
 // codes and scales are bit for bit those of a NumPy float32 evaluation
-// (tests/_np_quant.py). Rank-1 normalization needs a tensor's whole row and
-// column maxima before any code is written; it stays on XLA's path.
+// (tests/_np_quant.py). Rank-1 normalization: adam_rank1.h.
 
 #ifndef JADAM_KERNEL_ADAM_QUANT_H_
 #define JADAM_KERNEL_ADAM_QUANT_H_
