@@ -34,7 +34,7 @@ _LOG = logging.getLogger("jadam")
 SOURCE = os.path.join(os.path.dirname(__file__), "adam_kernel.cc")
 HEADERS = [os.path.join(os.path.dirname(__file__), name)
            for name in ("adam_rule.h", "adam_quant.h", "adam_rank1.h", "adam_master.h",
-                        "adam_threads.h")]
+                        "adam_scale.h", "adam_threads.h")]
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
          "-fno-trapping-math",
          "-fPIC", "-shared", "-fvisibility=hidden", "-w")
