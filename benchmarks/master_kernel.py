@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
+
+from _timing import carried_ms, in_fresh_process
 
 FORMS = {  # name: (moments, master weights)
     "f32_moments": (None, None),
@@ -68,21 +68,10 @@ def run_one(case: str, form: str, api: str, kernel: str) -> dict:
   calls = compiled.as_text().count("custom-call(")
   mem = compiled.memory_analysis()
   peak = getattr(mem, "peak_memory_in_bytes", None) if mem is not None else None
-  p, s = params, state
-  for _ in range(3):
-    p, s = compiled(p, s, grads)
-  jax.block_until_ready(p)
-  times = []
-  for _ in range(30):
-    t = time.perf_counter()
-    p, s = compiled(p, s, grads)
-    jax.block_until_ready(p)
-    times.append(time.perf_counter() - t)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  timed = carried_ms(compiled, params, state, grads, steps=30)
   return dict(case=case, form=form, api=api, kernel=kernel, n_params=n, custom_calls=calls,
-              median_ms=1e3 * float(np.median(times)),
-              iqr_ms=1e3 * float(np.subtract(*np.percentile(times, [75, 25]))),
-              compile_s=compile_s, peak_mb=None if peak is None else peak / 2**20)
+              **timed, compile_s=compile_s, peak_mb=None if peak is None else peak / 2**20)
 
 
 def main():
@@ -99,10 +88,7 @@ def main():
     for form in args.forms.split(","):
       for api in args.apis.split(","):
         for kernel in ("xla", "fused"):
-          out = subprocess.run([sys.executable, __file__, "--one",
-                                f"{case}:{form}:{api}:{kernel}"],
-                               capture_output=True, text=True, check=True).stdout
-          r = json.loads(out.strip().splitlines()[-1])
+          r = in_fresh_process(__file__, "--one", f"{case}:{form}:{api}:{kernel}")
           print(f"case ({r['case']}) {r['n_params'] / 1e6:.1f}M bf16 params, {r['form']}, "
                 f"{r['api']}, kernel={r['kernel']}: {r['median_ms']:.2f} ms "
                 f"(IQR {r['iqr_ms']:.2f}), "

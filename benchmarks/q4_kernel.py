@@ -12,14 +12,14 @@ Each form in a fresh process; median of 20 steps, compile time.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
+
+from _timing import carried_ms, in_fresh_process
 
 
 def run_one(api: str, kernel: str) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   import jadam  # pylint: disable=import-outside-toplevel
 
@@ -38,17 +38,7 @@ def run_one(api: str, kernel: str) -> dict:
   start = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
   compile_s = time.perf_counter() - start
-  p, s = params, state
-  for _ in range(3):
-    p, s = compiled(p, s, grads)
-  jax.block_until_ready(p)
-  times = []
-  for _ in range(20):
-    t = time.perf_counter()
-    p, s = compiled(p, s, grads)
-    jax.block_until_ready(p)
-    times.append(time.perf_counter() - t)
-  return dict(api=api, kernel=kernel, median_ms=1e3 * float(np.median(times)),
+  return dict(api=api, kernel=kernel, **carried_ms(compiled, params, state, grads, steps=20),
               calls=compiled.as_text().count("custom-call("), compile_s=compile_s)
 
 
@@ -58,9 +48,7 @@ def main():
     return
   for api in ("dropin", "step"):
     for kernel in ("xla", "fused"):
-      out = subprocess.run([sys.executable, __file__, api, kernel], capture_output=True,
-                           text=True, check=True).stdout
-      r = json.loads(out.strip().splitlines()[-1])
+      r = in_fresh_process(__file__, api, kernel)
       print(f"q4 {r['api']}, kernel={r['kernel']}: {r['median_ms']:.2f} ms, "
             f"compile {r['compile_s']:.2f} s, {r['calls']} custom call(s)", flush=True)
 

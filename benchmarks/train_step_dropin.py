@@ -15,15 +15,14 @@ a fresh process; median of 30 steps.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
+
+from _timing import carried_ms, in_fresh_process
 
 
 def run_one(moments: str, kernel: str) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   import jadam  # pylint: disable=import-outside-toplevel
 
@@ -45,18 +44,8 @@ def run_one(moments: str, kernel: str) -> dict:
     return optax.apply_updates(p, u), s
 
   f = jax.jit(step, donate_argnums=(0, 1))
-  p, s = params, tx.init(params)
-  for _ in range(3):
-    p, s = f(p, s)
-  jax.block_until_ready(p)
-  times = []
-  for _ in range(30):
-    t = time.perf_counter()
-    p, s = f(p, s)
-    jax.block_until_ready(p)
-    times.append(time.perf_counter() - t)
-  return dict(moments=moments, kernel=kernel, median_ms=1e3 * float(np.median(times)),
-              iqr_ms=1e3 * float(np.subtract(*np.percentile(times, [75, 25]))))
+  return dict(moments=moments, kernel=kernel,
+              **carried_ms(f, params, tx.init(params), steps=30))
 
 
 def main():
@@ -65,9 +54,7 @@ def main():
     return
   for moments in ("float32", "q8"):
     for kernel in ("xla", "fused"):
-      out = subprocess.run([sys.executable, __file__, moments, kernel], capture_output=True,
-                           text=True, check=True).stdout
-      r = json.loads(out.strip().splitlines()[-1])
+      r = in_fresh_process(__file__, moments, kernel)
       print(f"{r['moments']} moments, kernel={r['kernel']}: {r['median_ms']:.2f} ms "
             f"(IQR {r['iqr_ms']:.2f})", flush=True)
 
