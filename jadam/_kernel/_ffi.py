@@ -211,13 +211,14 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
     formats, updated in place.
   """
   args, outs, aliases = [scalars], [], {}
-  out_src, leaf_of_arg, leaf_of_out = [], [None], []  # (for partition)
+  out_src, leaf_of_arg, leaf_of_out, gradients = [], [None], [], []  # (for partition)
   for j, ((g, moments, p), dtype) in enumerate(zip(leaves, out_dtypes)):
     out_dtype = {"apply": p.dtype if p is not None else None,
                  "direction": jnp.float32}.get(mode, dtype)
     at_out = len(outs)
     outs.append(jax.ShapeDtypeStruct(g.shape, out_dtype))
     out_src.append(len(args))
+    gradients.append(len(args))
     if mode == "update" and g.dtype == out_dtype:
       # The update overwrites the gradient, block by block after reading it: a
       # gradient computed in the same jit (a temporary) gives its buffer, where
@@ -242,8 +243,6 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
     out_src.append(None)
     leaf_of_out.append(None)
   qslots, qndim, qint, qfloat = _qformats(leaves, n_moments)
-  gradients = [i for i, j in enumerate(leaf_of_arg) if j is not None and
-               (i == 1 or leaf_of_arg[i - 1] != j)]
 
   def build(shapes):
     # A shard of a leaf decays where the leaf does: everywhere or nowhere.

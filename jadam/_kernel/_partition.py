@@ -47,9 +47,10 @@ def elementwise(build: Callable, args: Sequence[jax.Array], leaf_of_arg: Sequenc
     pick = lambda j: replicated if j is None else leaf[j]  # pylint: disable=unnecessary-lambda-assignment
     return [pick(j) for j in leaf_of_arg], [pick(j) for j in leaf_of_out]
 
-  @custom_partitioning
-  def call(*xs):
+  def run(*xs):  # on the global arrays when traced, on one device's shards when lowered
     return tuple(build([x.shape for x in xs])(*xs))
+
+  call = custom_partitioning(run)
 
   def infer(mesh, arg_shapes, result_shape):
     del result_shape
@@ -58,11 +59,7 @@ def elementwise(build: Callable, args: Sequence[jax.Array], leaf_of_arg: Sequenc
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
     arg_shardings, out_shardings = shardings(mesh, arg_shapes)
-
-    def lower(*xs):
-      return tuple(build([x.shape for x in xs])(*xs))
-
-    return mesh, lower, tuple(out_shardings), tuple(arg_shardings)
+    return mesh, run, tuple(out_shardings), tuple(arg_shardings)
 
   call.def_partition(partition, infer_sharding_from_operands=infer,
                      sharding_rule=_rule(args, leaf_of_arg, leaf_of_out),

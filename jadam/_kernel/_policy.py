@@ -101,7 +101,7 @@ def unpartitionable(rule: _rule.Rule, chunks, use_wd: bool) -> str | None:
   if rule.trust_ratio:
     return "LAMB (a norm over each whole leaf)"
   if quantized(chunks):
-    return "block-wise quantized moments (a block may straddle two shards)"
+    return "quantized moments (a block, or a rank-1 tensor's maxima, spans shards)"
   for c in chunks:
     n = int(np.prod(c.grad.shape))
     if decay_ranges(c, use_wd) not in ([], [(0, n)]):

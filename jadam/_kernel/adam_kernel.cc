@@ -59,6 +59,12 @@ struct Scratch {
   QScratch q;
 };
 
+// This thread's scratch (one per thread, shared by the handler's passes).
+Scratch& ThreadScratch() {
+  static thread_local Scratch scratch;
+  return scratch;
+}
+
 // Inputs after the scalars, per leaf: g, per moment its buffer (or codes and
 // scales), [master state], [p]. Outputs per leaf: out, per moment its buffer
 // (or codes and scales), [master state]; then (with skip) the finite flag.
@@ -200,8 +206,7 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
     std::mutex merge;
     ForEachPiece(pool, rank1_sizes, [&](size_t j, int64_t begin, int64_t end) {
       Leaf& L = leaves[j];
-      static thread_local Scratch scratch;
-      Scratch& S = scratch;
+      Scratch& S = ThreadScratch();
       std::vector<float> part[3];
       for (int64_t k = 0; k < n_moments; ++k) {
         if (L.r1[k].on) part[k].assign(L.r1[k].shape.total_dims, 0.0f);
@@ -235,8 +240,7 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   }
   ForEachPiece(pool, sizes, [&](size_t j, int64_t begin, int64_t end) {
     Leaf& L = leaves[j];
-    static thread_local Scratch scratch;
-    Scratch& S = scratch;
+    Scratch& S = ThreadScratch();
     const int64_t* wr = wd_ranges.begin() + 2 * wd_offsets[j];
     const int64_t n_wr = wd_offsets[j + 1] - wd_offsets[j];
     for (int64_t at = begin; at < end; at += L.block) {
