@@ -51,11 +51,12 @@ def sharded_problem(dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("master", [None, "q8"])
-def test_step_on_sharded_arrays_runs_the_kernel_on_each_shard(master):
+def test_step_on_sharded_arrays_runs_the_kernel_on_each_shard(monkeypatch, master):
   """``jadam.step`` jitted on params split over a mesh (``jax.set_mesh``):
   one custom call and no collective but the skip flag's all-reduce; the
   params stay split; 4 steps (a NaN on one device's shard at the third,
   skipped everywhere) bit for bit the kernel's on one device."""
+  monkeypatch.delenv("JADAM_KERNEL", raising=False)  # the default's promise
   dtype = jnp.bfloat16 if master else jnp.float32
   mesh, params, grads = sharded_problem(dtype)
   grads[2]["w"] = grads[2]["w"].at[5, 60].set(jnp.nan)  # on the last device's shard
@@ -84,11 +85,12 @@ def test_step_on_sharded_arrays_runs_the_kernel_on_each_shard(master):
 
 
 @pytest.mark.parametrize("name", ["adamw_fused", "master_q8_auto"])
-def test_fsdp_updates_each_shard_with_the_kernel(name):
+def test_fsdp_updates_each_shard_with_the_kernel(monkeypatch, name):
   """``strategy="fsdp"``: with ``kernel="fused"`` (float32), and with the
   default on bfloat16 params with q8 master weights (where "auto" runs the
   kernel), the step has one custom call and exactly the XLA path's
   collectives (the state never moves), and 6 steps agree with XLA's ops."""
+  monkeypatch.delenv("JADAM_KERNEL", raising=False)  # the default's promise
   params = init_params()
   dtype = np.float32
   if name == "master_q8_auto":
