@@ -7,11 +7,15 @@ one dtype share a buffer; larger ones have one each). The layout travels with
 the state, so ``update`` needs nothing else: not the params, not the
 optimizer object that made the state. Each step packs the gradients (and the
 params, for weight decay or LAMB), runs the one update path
-(:mod:`jadam._update`) once per buffer and unpacks the updates.
+(:mod:`jadam._update`) once per buffer and unpacks the updates; where the
+fused kernel runs, buffers of several leaves are stepped leaf by leaf in
+place of the pack and unpack (:mod:`jadam._kernel._leafwise`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -192,7 +196,7 @@ def _flags(decay_mask, layout: FlatLayout) -> tuple[bool, ...]:
   return (True,) * layout.num_leaves if decay_mask is None else tuple(decay_mask)
 
 
-def _buffers_step(static, hp, count, g_packed, moments, p_packed, out_dtypes):
+def _buffers_step(static, hp, count, g_packed, moments, p_packed, out_dtypes, finite=None):
   # The flat layout's chunks: one per packed buffer. Results are finished
   # updates in `out_dtypes` (per buffer key).
   rule, layout, decay_mask, use_wd, _, scale_lr = static
@@ -207,7 +211,7 @@ def _buffers_step(static, hp, count, g_packed, moments, p_packed, out_dtypes):
   count_inc, results, finite = _kernel.update_and_finish(
       rule, hp, count, chunks, use_wd=use_wd, scale_lr=scale_lr, apply=None,
       out_dtypes=[out_dtypes[b.key] for b in layout.buffers],
-      for_mesh=layout.pad_multiple != PAD_MULTIPLE)
+      for_mesh=layout.pad_multiple != PAD_MULTIPLE, finite=finite)
   new_moments = [Packed(layout, {b.key: moms[j] for b, (_, moms) in zip(layout.buffers, results)})
                  for j in range(len(rule.moment_names))]
   return (count_inc, {b.key: u for b, (u, _) in zip(layout.buffers, results)}, new_moments,
@@ -215,24 +219,87 @@ def _buffers_step(static, hp, count, g_packed, moments, p_packed, out_dtypes):
 
 
 def _flat_body(static, hp, grads, state, params):
-  rule, layout, _, use_wd, has_params, _ = static
-  g_packed = layout.pack(grads, dtype="promote")
-  # Params are read only for weight decay and the trust ratio: plain Adam never
-  # packs them (one fewer copy of every leaf per step).
-  p_packed = (layout.pack(params)
-              if has_params and (use_wd or rule.trust_ratio or rule.master) else None)
+  rule, layout, decay_mask, use_wd, has_params, scale_lr = static
+  # Params are read only for weight decay, the trust ratio and master
+  # weights: plain Adam never packs them (one fewer copy of every leaf per step).
+  read_params = params if has_params and (use_wd or rule.trust_ratio or rule.master) else None
   moments = [getattr(state, n) for n in rule.moment_names]
-  # The tree form returns updates in the params' dtypes (else the gradients').
-  out_dtypes = {b.key: _update.update_dtype(rule, b.dtype) if has_params
-                else g_packed[b.key].dtype for b in layout.buffers}
-  count_inc, out, new_moments, finite = _buffers_step(static, hp, state.count, g_packed,
-                                                      moments, p_packed, out_dtypes)
-  updates = layout.unpack(out)
+  # The tree form returns updates in the params' dtypes (else the gradients',
+  # promoted per buffer as packing them promotes them).
+  leaves = jax.tree.leaves(grads)
+  position = dict(zip([i for i, s in enumerate(layout.segments) if s is not None],
+                      range(len(leaves))))
+  out_dtypes = {b.key: _update.update_dtype(rule, b.dtype) if has_params else
+                jnp.result_type(*[leaves[position[i]] for i in b.leaves])
+                for b in layout.buffers}
+  # Buffers shared by several leaves step on the kernel without a pack or an
+  # unpack (where it runs: _kernel._leafwise); the others are packed.
+  on_kernel = _kernel.leafwise_keys(rule, hp, state.count, layout, grads, moments,
+                                    read_params)
+  parts = [(keys, _restricted(layout, keys)) for keys in
+           (on_kernel, tuple(k for k in layout.keys if k not in on_kernel)) if keys]
+  finite = None
+  if rule.skip_nonfinite and len(parts) > 1:  # one flag for both parts
+    finite = _update.all_finite(leaves)
+  results = []
+  for keys, sub in parts:
+    sub_static = (rule, sub) + static[2:]
+    sub_moments = [Packed(sub, {k: m[k] for k in keys}) for m in moments]
+    sub_grads, sub_params = _only(sub, grads), _only(sub, read_params)
+    if keys is on_kernel:
+      results.append(_kernel.leafwise_update(
+          rule, hp, state.count, sub, sub_grads, sub_moments, sub_params, decay_mask,
+          use_wd=use_wd, scale_lr=scale_lr, out_dtypes=out_dtypes, finite=finite,
+          xla=functools.partial(_pack_and_step, sub_static, out_dtypes,
+                                rule=dataclasses.replace(rule, kernel="xla"))))
+    else:
+      results.append(_pack_and_step(sub_static, out_dtypes, hp, state.count, sub_grads,
+                                    sub_moments, sub_params, finite=finite))
+  count_inc, finite = results[0][0], results[0][3]
+  # Each leaf's update from the part that holds it.
+  flats = [[x for _, x in V.flatten_with_none(r[1])[0]] for r in results]
+  updates = layout.treedef.unflatten(
+      [next((x for x in xs if x is not None), None) for xs in zip(*flats)])
+  new_moments = [Packed(layout, {k: x for r in results for k, x in r[2][j].items()})
+                 for j in range(len(moments))]
   if not has_params:
     updates = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), updates, grads)
   # Each update leaf sharded like its param (or gradient) on an Explicit mesh.
   updates = jax.tree.map(like_sharding, updates, params if has_params else grads)
   return updates, _core.state_class(rule)(count_inc, *new_moments), finite
+
+
+def _restricted(layout: FlatLayout, keys) -> FlatLayout:
+  """``layout`` with only the buffers ``keys`` (the others' leaves as None)."""
+  if tuple(keys) == tuple(layout.keys):
+    return layout
+  return FlatLayout(layout.treedef, tuple(s if s is not None and s.key in keys else None
+                                          for s in layout.segments),
+                    tuple(b for b in layout.buffers if b.key in keys), layout.pad_multiple)
+
+
+def _only(sub: FlatLayout, tree):
+  """``tree``'s leaves that ``sub`` holds (the others None)."""
+  if tree is None:
+    return None
+  flat = [x for _, x in V.flatten_with_none(tree)[0]]
+  return sub.treedef.unflatten([x if s is not None else None
+                                for x, s in zip(flat, sub.segments)])
+
+
+def _pack_and_step(static, out_dtypes, hp, count, grads, moments, params, *, finite=None,
+                   rule=None):
+  """Packs the gradients (and params), steps each buffer (XLA's ops or the
+  packed kernel) and unpacks the updates: ``(new count, updates, new
+  moments, finite)``."""
+  layout = static[1]
+  if rule is not None:
+    static = (rule,) + static[1:]
+  g_packed = layout.pack(grads, dtype="promote")
+  p_packed = None if params is None else layout.pack(params)
+  count_inc, out, new_moments, finite = _buffers_step(
+      static, hp, count, g_packed, moments, p_packed, out_dtypes, finite=finite)
+  return count_inc, layout.unpack(out), new_moments, finite
 
 
 def _packed_body(static, hp, grads, state, params):

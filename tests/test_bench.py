@@ -22,11 +22,12 @@ KEYS = {"case", "impl", "median_ms", "speedup_vs_optax", "compile_s", "gb_per_s"
         "bandwidth_fraction", "peak_bytes", "max_abs_diff_vs_optax",
         "max_rel_diff_vs_optax", "diff_steps", "bytes_per_param", "state_bytes",
         "state_bytes_per_param", "xla_bytes_per_param"}
-JAX_IMPLS = ["optax", "jadam_tree", "jadam_flat_tree_io", "jadam_flat"]  # float32 moments
+JAX_IMPLS = ["optax", "jadam_tree", "jadam_flat_tree_io", "jadam_flat_tree_io_xla",
+             "jadam_flat"]  # float32 moments
 # The fused kernel's rows (optimizer cases, where the kernel builds here).
 FUSED_IMPLS = (["jadam_tree_fused", "jadam_step_fused", "jadam_flat_fused"]
                if jadam._kernel.available() else [])
-FLAT_IMPLS = ["jadam_flat_tree_io", "jadam_flat", "jadam_flat_fused"]
+FLAT_IMPLS = ["jadam_flat_tree_io", "jadam_flat_tree_io_xla", "jadam_flat", "jadam_flat_fused"]
 # The q8 rows: the two that run everywhere (the train case's too), then the
 # kernel's. jadam_tree_q8 is the default (kernel="auto"): the kernel where it
 # builds (quantized moments), else XLA's ops.

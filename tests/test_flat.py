@@ -482,12 +482,15 @@ def _assert_trees_close(got, want, rtol=1e-6):
 
 def test_flat_float32_trajectories_agree():
   """Independent 32-step runs of both layouts on float32 params (gradients do not
-  depend on the params, so no rounding feeds back but through weight decay)."""
+  depend on the params, so no rounding feeds back but through weight decay).
+  XLA's ops in both (on CPU the flat layout's small leaves default to the
+  kernel, held to the tree layout's kernel bit for bit in
+  tests/test_kernel_leafwise.py)."""
   params = jax.tree.map(lambda x: x.astype(jnp.float32), mixed_tree())
   layout = optimizer_layout(params)
   for name in ("adamw_mask_schedule", "amsgrad", "radam"):
     tree_hist = run(CONFIGS[name](), params)
-    flat_hist = run(CONFIGS[name](layout="flat"), params)
+    flat_hist = run(CONFIGS[name](layout="flat", kernel="xla"), params)
     for (u_t, p_t, s_t), (u_f, p_f, s_f) in zip(tree_hist, flat_hist):
       _assert_trees_close((u_f, p_f, state_as_tree(s_f, layout)), (u_t, p_t, s_t))
 
@@ -516,7 +519,9 @@ def test_flat_optimizer_in_chain_eager_and_without_params():
   params = mixed_tree()
   g = grads_like(params, 2)
   tree_tx = optax.chain(optax.clip_by_global_norm(1.0), jadam.adam(1e-2))
-  flat_tx = optax.chain(optax.clip_by_global_norm(1.0), jadam.adam(1e-2, layout="flat"))
+  # (XLA's ops: the tree layout's bits. The kernel's: test_kernel_leafwise.py.)
+  flat_tx = optax.chain(optax.clip_by_global_norm(1.0),
+                        jadam.adam(1e-2, layout="flat", kernel="xla"))
   u_t, _ = tree_tx.update(g, tree_tx.init(params))  # eager, params=None
   u_f, _ = flat_tx.update(g, flat_tx.init(params))
   chex.assert_trees_all_equal(u_f, u_t)

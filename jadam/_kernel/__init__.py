@@ -24,7 +24,10 @@ Which path runs (``kernel=`` of every optimizer, :attr:`jadam._rule.Rule.kernel`
   on a tensor, or at the start of its packed buffer: a first pass computes
   the tensor's new maxima, ``adam_rank1.h``), and master weights (``"float32"`` or ``"q8"``:
   the master value decoded, updated and rounded to the param in the same
-  pass, ``adam_master.h``), and 1-bit Adam's frozen ``nu``; on arrays that
+  pass, ``adam_master.h``), and 1-bit Adam's frozen ``nu``; for the flat
+  layout's tree-in/tree-out form, on the gradient and update leaves with the
+  moments at their offsets in the packed buffers (:mod:`._leafwise`: float
+  moments, not LAMB or master weights); on arrays that
   GSPMD splits over a mesh, on each device's shards
   (:mod:`jadam._kernel._partition`: not LAMB or block-wise quantized moments
   there, whose operands are gathered instead). Not: LAMB with master weights (its trust ratio needs the
@@ -67,6 +70,8 @@ from .. import _rule
 from .. import _segments
 from .. import _update
 from . import _ffi
+from ._leafwise import keys as leafwise_keys
+from ._leafwise import update as leafwise_update
 # Which path runs: re-exported for the layouts and tests.
 from ._policy import AUTO as AUTO
 from ._policy import ENV as ENV

@@ -179,7 +179,8 @@ def _qformats(leaves, n_moments: int):
 
 def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_param: bool,
          mode: str, scale_lr: bool, skip: int, wd_ranges, out_dtypes, master=None,
-         frozen_nu: bool = False, partition: bool = False):
+         frozen_nu: bool = False, partition: bool = False, shared=None,
+         alias_grads: bool = True):
   """One call of the step kernel.
 
   Args:
@@ -205,11 +206,22 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
     partition: run on each device's shards under GSPMD
       (:mod:`jadam._kernel._partition`): float moments, each leaf's decay
       everywhere or nowhere, ``skip`` 0 or 2.
+    shared: ``(buffers, offsets)``: the ``n_moments`` float moments of every
+      leaf live in ``buffers`` (1-D, shared by the leaves), leaf ``j``'s at
+      element ``offsets[j]`` (disjoint ranges); the leaves then pass no
+      moments (``()``). Not with ``partition``.
+    alias_grads: in ``"update"`` mode, write each update over its gradient
+      where the dtypes match (a temporary gradient gives its buffer; a fresh
+      one is faulted in page by page every step, which costs on large
+      leaves). XLA copies a gradient it cannot give up (an argument not
+      donated), and the aliases cost compile time on many small leaves.
 
   Returns:
     ``([(out, moments)] per leaf, finite or None)``: the moments in their
-    formats, updated in place.
+    formats, updated in place; with ``shared``, ``([(out, ())] per leaf,
+    finite or None, new buffers)``.
   """
+  assert shared is None or (not partition and all(not m for _, m, _ in leaves))
   args, outs, aliases = [scalars], [], {}
   out_src, leaf_of_arg, leaf_of_out, gradients = [], [None], [], []  # (for partition)
   for j, ((g, moments, p), dtype) in enumerate(zip(leaves, out_dtypes)):
@@ -219,7 +231,7 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
     outs.append(jax.ShapeDtypeStruct(g.shape, out_dtype))
     out_src.append(len(args))
     gradients.append(len(args))
-    if mode == "update" and g.dtype == out_dtype:
+    if mode == "update" and g.dtype == out_dtype and alias_grads:
       # The update overwrites the gradient, block by block after reading it: a
       # gradient computed in the same jit (a temporary) gives its buffer, where
       # a fresh one would be faulted in page by page every step.
@@ -238,11 +250,18 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
       args.append(p)
     leaf_of_arg += [j] * (len(args) - len(leaf_of_arg))
     leaf_of_out += [j] * (len(outs) - len(leaf_of_out))
+  buffers, moment_at = shared if shared is not None else ((), [])
+  for x in buffers:  # updated in place
+    aliases[len(args)] = len(outs)
+    out_src.append(len(args))
+    args.append(x)
+    outs.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
   if skip:
     outs.append(jax.ShapeDtypeStruct((), jnp.bool_))
     out_src.append(None)
     leaf_of_out.append(None)
-  qslots, qndim, qint, qfloat = _qformats(leaves, n_moments)
+  qslots, qndim, qint, qfloat = _qformats(
+      [(None, (None,) * n_moments, None)] * len(leaves) if shared else leaves, n_moments)
 
   def build(shapes):
     # A shard of a leaf decays where the leaf does: everywhere or nowhere.
@@ -262,7 +281,8 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
         n_moments=np.int64(n_moments), has_param=bool(has_param), mode=np.int64(MODES[mode]),
         scale_lr=bool(scale_lr), skip=np.int64(skip), master=np.int64(MASTERS[master]),
         frozen_nu=bool(frozen_nu), wd_offsets=_i64(offsets), wd_ranges=_i64(flat),
-        qslots=qslots, qndim=qndim, qint=qint, qfloat=qfloat)
+        qslots=qslots, qndim=qndim, qint=qint, qfloat=qfloat,
+        moment_at=_i64(moment_at) if shared is not None else _i64([-1]))
 
   if partition:
     res = _partition.elementwise(build, args, leaf_of_arg, leaf_of_out)
@@ -273,7 +293,9 @@ def step(scalars, leaves, *, kind: str, nesterov: bool, n_moments: int, has_para
     out = next(res)
     parts, treedef = jax.tree.flatten(tuple(moments))
     pairs.append((out, jax.tree.unflatten(treedef, [next(res) for _ in parts])))
-  return pairs, (next(res) if skip else None)
+  new_buffers = tuple(next(res) for _ in buffers)
+  finite = next(res) if skip else None
+  return (pairs, finite) if shared is None else (pairs, finite, new_buffers)
 
 
 def scale(scalars, ratios, leaves, *, apply: bool, scale_lr: bool, seg_ends, out_dtypes):

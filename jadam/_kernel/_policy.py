@@ -35,7 +35,10 @@ AUTO = "inplace"
   moment is quantized (q8: XLA's decode and encode make that step about 2x
   slower than the kernel's, and no quantized step is optax's bits anyway)
   or the master weights are ``"q8"`` (XLA's ``frexp`` and ``ldexp`` of every
-  param: 1.7x slower; ``benchmarks/master_kernel.py``);
+  param: 1.7x slower; ``benchmarks/master_kernel.py``); and for the
+  ``layout="flat"`` optimizer's buffers of several leaves, which it steps
+  without packing the gradients or unpacking the updates
+  (:mod:`jadam._kernel._leafwise`);
 * ``"fused"``: the kernel wherever it can run;
 * ``"xla"``: never.
 

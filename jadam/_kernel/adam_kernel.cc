@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -76,6 +77,11 @@ Scratch& ThreadScratch() {
 // dimension, adam_rank1.h).
 // `master`: the master weights' format (adam_master.h), 0 for none.
 // `frozen_nu`: nu stays as it is (1-bit Adam after its warm-up).
+// `moment_at`: {-1}, or per leaf the element offset of its moments in
+// buffers that all leaves share (the flat layout's packed moments: float
+// moments, disjoint ranges). The leaves then pass no moments of their own:
+// after every leaf's inputs come the n_moments shared buffers, and after
+// every leaf's outputs their new values (in place), before the finite flag.
 ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
                     ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t kind,
                     bool nesterov, int64_t n_moments, bool has_param, int64_t mode,
@@ -83,7 +89,7 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
                     ffi::Span<const int64_t> wd_offsets,
                     ffi::Span<const int64_t> wd_ranges, ffi::Span<const int64_t> qslots,
                     ffi::Span<const int64_t> qndim, ffi::Span<const int64_t> qint,
-                    ffi::Span<const float> qfloat) {
+                    ffi::Span<const float> qfloat, ffi::Span<const int64_t> moment_at) {
   if (scalars.element_count() != kNumScalars) {
     return ffi::Error::InvalidArgument("jadam kernel: wrong number of scalars");
   }
@@ -92,10 +98,18 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   if (wd_offsets.size() == 0 || qslots.size() != n_leaves * n_moments || n_moments > 3 ||
       qndim.size() != qslots.size() ||
       (formats.empty() && qint.size() > 1) || master < kNoMaster || master > kMasterQ8 ||
-      (master != kNoMaster && (!has_param || mode == 2))) {
+      (master != kNoMaster && (!has_param || mode == 2)) ||
+      moment_at.size() == 0) {
     return ffi::Error::InvalidArgument("jadam kernel: bad attributes");
   }
-  size_t n_in = 0, n_out = skip ? 1 : 0;
+  const bool shared = !(moment_at.size() == 1 && moment_at[0] == -1);
+  if (shared && moment_at.size() != n_leaves) {
+    return ffi::Error::InvalidArgument("jadam kernel: bad attributes");
+  }
+  if (shared && std::any_of(qslots.begin(), qslots.end(), [](int64_t x) { return x >= 0; })) {
+    return ffi::Error::InvalidArgument("jadam kernel: shared moments must be float");
+  }
+  size_t n_in = shared ? n_moments : 0, n_out = (skip ? 1 : 0) + (shared ? n_moments : 0);
   for (size_t j = 0; j < n_leaves; ++j) {
     n_in += 1 + (has_param ? 1 : 0);
     n_out += 1;
@@ -108,8 +122,10 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
       if (slot >= 0 && (nd < 1 || nd > kMaxRank1Dims)) {
         return ffi::Error::InvalidArgument("jadam kernel: bad quantized format");
       }
-      n_in += slot < 0 ? 1 : 1 + nd;
-      n_out += slot < 0 ? 1 : 1 + nd;
+      if (!shared) {
+        n_in += slot < 0 ? 1 : 1 + nd;
+        n_out += slot < 0 ? 1 : 1 + nd;
+      }
     }
     n_in += master != kNoMaster;
     n_out += master != kNoMaster;
@@ -134,6 +150,11 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   std::vector<int64_t> sizes(n_leaves);
   std::vector<bool> aligned(n_leaves, false);
   size_t at_in = 0, at_out = 0;
+  // The shared moments' buffers, and the leaves' ranges in them (disjoint:
+  // threads write them at once).
+  const size_t shared_in = args.size() - (shared ? n_moments : 0);
+  const size_t shared_out = rets.size() - (skip ? 1 : 0) - (shared ? n_moments : 0);
+  std::vector<std::pair<int64_t, int64_t>> ranges;
   for (size_t j = 0; j < n_leaves; ++j) {
     Leaf& L = leaves[j];
     L.g = &in_bufs[at_in++];
@@ -147,6 +168,11 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
       const int64_t slot = qslots[j * n_moments + k];
       const QFormat* q = slot < 0 ? nullptr : &formats[slot];
       const int64_t nd = q ? qndim[j * n_moments + k] : 0;
+      if (shared) {
+        ok = ok && ReadPackedMoment(L.m[k], moment_at[j], L.n, in_bufs[shared_in + k],
+                                    out_bufs[shared_out + k]);
+        continue;
+      }
       ffi::AnyBuffer* in = &in_bufs[at_in++];
       ffi::AnyBuffer& out = out_bufs[at_out++];
       if (nd >= 2) {  // rank-1: codes, then one buffer of maxima per dimension
@@ -179,6 +205,13 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
     if (mode == 2) ok = ok && L.ot == ffi::DataType::F32;
     if (wd_offsets[j + 1] > wd_offsets[j]) ok = ok && L.p != nullptr;
     if (!ok) return ffi::Error::InvalidArgument("jadam kernel: unsupported buffers");
+    if (shared && L.n > 0) ranges.emplace_back(moment_at[j], moment_at[j] + L.n);
+  }
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    if (ranges[i].first < ranges[i - 1].second) {
+      return ffi::Error::InvalidArgument("jadam kernel: leaves' shared moments overlap");
+    }
   }
   const float* s = scalars.typed_data();
   bool finite = skip != 2 || s[kFiniteIn] != 0.0f;
@@ -222,7 +255,7 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
           } else if (M.q) {
             Decode(*M.q, M.codes_in, M.scales_in, at, n, S.m[k]);
           } else {  // a copy: this pass writes nothing
-            Load(static_cast<const char*>(M.in->untyped_data()) + at * Width(M.t), M.t, n,
+            Load(static_cast<const char*>(M.in) + at * Width(M.t), M.t, n,
                  S.m[k]);
           }
         }
@@ -273,7 +306,7 @@ ffi::Error AdamStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
         } else if (M.q) {
           Decode(*M.q, M.codes_in, M.scales_in, at, n, m[k]);
         } else {
-          m[k] = InOut(M.in->untyped_data(), M.out, M.t, at, n, m[k]);
+          m[k] = InOut(M.in, M.out, M.t, at, n, m[k]);
         }
       }
       float* d = mode == 2 ? Out(L.out, L.ot, at, S.o) : S.d;
@@ -356,7 +389,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamAdamStep, AdamStep,
                                   .Attr<ffi::Span<const int64_t>>("qslots")
                                   .Attr<ffi::Span<const int64_t>>("qndim")
                                   .Attr<ffi::Span<const int64_t>>("qint")
-                                  .Attr<ffi::Span<const float>>("qfloat"));
+                                  .Attr<ffi::Span<const float>>("qfloat")
+                                  .Attr<ffi::Span<const int64_t>>("moment_at"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JadamScaleStep, ScaleStep,
                               ffi::Ffi::Bind()

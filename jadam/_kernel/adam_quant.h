@@ -194,7 +194,7 @@ void Encode(const QFormat& f, const float* src, int64_t at, int64_t n, uint8_t* 
 // A moment: a float buffer (float32 / bfloat16 / float16, in place), or codes
 // and block scales of a quantized format (`q` set), decoded and encoded again.
 struct Moment {
-  ffi::AnyBuffer* in = nullptr;
+  const void* in = nullptr;  // a float moment's first element (of this leaf)
   void* out = nullptr;
   ffi::DataType t = ffi::DataType::F32;
   const QFormat* q = nullptr;
@@ -236,7 +236,7 @@ bool ReadMoment(Moment& m, const QFormat* q, int64_t n, ffi::AnyBuffer* in, ffi:
                 ffi::AnyBuffer* scales_in, ffi::AnyBuffer* scales_out) {
   m.q = q;
   if (q == nullptr) {
-    m.in = in;
+    m.in = in->untyped_data();
     m.out = out.untyped_data();
     m.t = in->element_type();
     return Supported(m.t) && out.element_type() == m.t &&
@@ -257,6 +257,22 @@ bool ReadMoment(Moment& m, const QFormat* q, int64_t n, ffi::AnyBuffer* in, ffi:
          static_cast<int64_t>(out.element_count()) == bytes &&
          static_cast<int64_t>(scales_in->element_count()) == blocks &&
          static_cast<int64_t>(scales_out->element_count()) == blocks;
+}
+
+// A float moment of `n` elements at element `offset` of a buffer that other
+// leaves' moments share (the flat layout's packed moments, updated in place).
+bool ReadPackedMoment(Moment& m, int64_t offset, int64_t n, ffi::AnyBuffer& in,
+                      ffi::AnyBuffer& out) {
+  m.q = nullptr;
+  m.t = in.element_type();
+  const int64_t size = static_cast<int64_t>(in.element_count());
+  if (!Supported(m.t) || out.element_type() != m.t ||
+      static_cast<int64_t>(out.element_count()) != size || offset < 0 || offset > size - n) {
+    return false;
+  }
+  m.in = static_cast<const char*>(in.untyped_data()) + offset * Width(m.t);
+  m.out = static_cast<char*>(out.untyped_data()) + offset * Width(m.t);
+  return true;
 }
 
 }  // namespace jadam

@@ -79,6 +79,7 @@ IMPLS = (
     "jadam_tree_fused",
     "jadam_step_fused",
     "jadam_flat_tree_io",
+    "jadam_flat_tree_io_xla",
     "jadam_flat",
     "jadam_flat_fused",
     "jadam_tree_q8",
@@ -97,7 +98,11 @@ IMPL_HELP = {
     "jadam_step_fused": ("jadam.step(kernel='fused') on tree params, grads and state "
                          "(update and apply in one pass, in place; what kernel='auto' "
                          "runs on CPU)"),
-    "jadam_flat_tree_io": "jadam.adam(layout='flat'): tree grads in, tree updates out",
+    "jadam_flat_tree_io": ("jadam.adam(layout='flat'): tree grads in, tree updates out "
+                           "(on CPU the kernel reads and writes the leaves of buffers "
+                           "shared by several leaves in place of packing them)"),
+    "jadam_flat_tree_io_xla": ("the same with kernel='xla' (packs the gradients, XLA's "
+                               "ops on each buffer, unpacks the updates)"),
     "jadam_flat": ("jadam.step(kernel='xla') on packed params/grads/state (flat end to "
                    "end, XLA's ops)"),
     "jadam_flat_fused": ("jadam.step(kernel='fused') on packed params/grads/state (what "

@@ -285,8 +285,9 @@ def build_optimizer_runners(case: Case, impls, device, jax_device) -> tuple[dict
       tx = jadam.adam(LEARNING_RATE)
       p = _copy(params)
       runners[impl] = JaxRunner(_optimizer_step(tx), (p, tx.init(p), grads))
-    elif impl == "jadam_flat_tree_io":
-      tx = jadam.adam(LEARNING_RATE, layout="flat")
+    elif impl in ("jadam_flat_tree_io", "jadam_flat_tree_io_xla"):
+      tx = jadam.adam(LEARNING_RATE, layout="flat",
+                      kernel="xla" if impl.endswith("_xla") else "auto")
       p = _copy(params)
       runners[impl] = JaxRunner(_optimizer_step(tx), (p, tx.init(p), grads))
     elif impl == "jadam_tree_fused":
@@ -354,11 +355,14 @@ def build_train_runners(case: Case, impls, jax_device) -> tuple[dict, int, int]:
 
   runners = {}
   for impl in impls:
-    if impl in ("optax", "jadam_tree", "jadam_flat_tree_io", "jadam_tree_q8"):
+    if impl in ("optax", "jadam_tree", "jadam_flat_tree_io", "jadam_flat_tree_io_xla",
+                "jadam_tree_q8"):
       tx = {
           "optax": lambda: optax.adam(LEARNING_RATE),
           "jadam_tree": lambda: jadam.adam(LEARNING_RATE),
           "jadam_flat_tree_io": lambda: jadam.adam(LEARNING_RATE, layout="flat"),
+          "jadam_flat_tree_io_xla": lambda: jadam.adam(LEARNING_RATE, layout="flat",
+                                                       kernel="xla"),
           "jadam_tree_q8": quantized_adam,
       }[impl]()
       p = _copy(params)
