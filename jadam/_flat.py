@@ -226,12 +226,9 @@ def _flat_body(static, hp, grads, state, params):
   moments = [getattr(state, n) for n in rule.moment_names]
   # The tree form returns updates in the params' dtypes (else the gradients',
   # promoted per buffer as packing them promotes them).
-  leaves = jax.tree.leaves(grads)
-  position = dict(zip([i for i, s in enumerate(layout.segments) if s is not None],
-                      range(len(leaves))))
+  g_flat = [x for _, x in V.flatten_with_none(grads)[0]]  # by the layout's leaf index
   out_dtypes = {b.key: _update.update_dtype(rule, b.dtype) if has_params else
-                jnp.result_type(*[leaves[position[i]] for i in b.leaves])
-                for b in layout.buffers}
+                jnp.result_type(*[g_flat[i] for i in b.leaves]) for b in layout.buffers}
   # Buffers shared by several leaves step on the kernel without a pack or an
   # unpack (where it runs: _kernel._leafwise); the others are packed.
   on_kernel = _kernel.leafwise_keys(rule, hp, state.count, layout, grads, moments,
@@ -240,7 +237,7 @@ def _flat_body(static, hp, grads, state, params):
            (on_kernel, tuple(k for k in layout.keys if k not in on_kernel)) if keys]
   finite = None
   if rule.skip_nonfinite and len(parts) > 1:  # one flag for both parts
-    finite = _update.all_finite(leaves)
+    finite = _update.all_finite([x for x in g_flat if x is not None])
   results = []
   for keys, sub in parts:
     sub_static = (rule, sub) + static[2:]
