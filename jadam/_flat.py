@@ -165,8 +165,7 @@ def flat_update(
   if params is not None:
     params_layout = layout.for_tree(f"{fn}(params=...)", params, "the state's flat layout")
     if params_layout != layout:  # same leaves, other containers: read them as the updates'
-      params = jax.tree.unflatten(layout.treedef, [
-          leaf for _, leaf in V.flatten_with_none(params)[0]])
+      params = layout.treedef.unflatten(params_layout.leaves_by_index(params))
   static = (rule, layout, _flags(decay_mask, layout), use_wd, params is not None, scale_lr)
   return _update.jitted(_flat_body, static, hp, grads, state, params)
 
@@ -226,7 +225,7 @@ def _flat_body(static, hp, grads, state, params):
   moments = [getattr(state, n) for n in rule.moment_names]
   # The tree form returns updates in the params' dtypes (else the gradients',
   # promoted per buffer as packing them promotes them).
-  g_flat = [x for _, x in V.flatten_with_none(grads)[0]]  # by the layout's leaf index
+  g_flat = layout.leaves_by_index(grads)
   out_dtypes = {b.key: _update.update_dtype(rule, b.dtype) if has_params else
                 jnp.result_type(*[g_flat[i] for i in b.leaves]) for b in layout.buffers}
   # Buffers shared by several leaves step on the kernel without a pack or an
@@ -254,7 +253,7 @@ def _flat_body(static, hp, grads, state, params):
                                     sub_moments, sub_params, finite=finite))
   count_inc, finite = results[0][0], results[0][3]
   # Each leaf's update from the part that holds it.
-  flats = [[x for _, x in V.flatten_with_none(r[1])[0]] for r in results]
+  flats = [layout.leaves_by_index(r[1]) for r in results]
   updates = layout.treedef.unflatten(
       [next((x for x in xs if x is not None), None) for xs in zip(*flats)])
   new_moments = [Packed(layout, {k: x for r in results for k, x in r[2][j].items()})
@@ -279,9 +278,8 @@ def _only(sub: FlatLayout, tree):
   """``tree``'s leaves that ``sub`` holds (the others None)."""
   if tree is None:
     return None
-  flat = [x for _, x in V.flatten_with_none(tree)[0]]
   return sub.treedef.unflatten([x if s is not None else None
-                                for x, s in zip(flat, sub.segments)])
+                                for x, s in zip(sub.leaves_by_index(tree), sub.segments)])
 
 
 def _pack_and_step(static, out_dtypes, hp, count, grads, moments, params, *, finite=None,

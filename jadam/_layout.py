@@ -18,59 +18,22 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import functools
-import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import _packing
 from . import _validate as V
 from ._packed import Packed
+# The packing's static arithmetic (re-exported: the layouts' users import them here).
+from ._packing import PAD_MULTIPLE as PAD_MULTIPLE
+from ._packing import Buffer as Buffer
+from ._packing import Segment as Segment
+from ._packing import sharded_pad_multiple as sharded_pad_multiple
 from ._sharding import replicated_if_explicit
-
-PAD_MULTIPLE = 8 * 128
-"""Default padded-length multiple of a buffer: 1024 = 8 x 128 elements.
-
-It divides evenly by every power-of-two device count up to 1024 (a buffer
-shards with ``NamedSharding`` over 1, 2, 4, 8, ... devices, and a checkpoint
-made on 8 restores onto 4), each shard is a whole number of 128-lane tiles,
-and it is a multiple of 32, which the fused pass uses for bit-packed masks.
-"""
-
-
-def sharded_pad_multiple(num_shards: int) -> int:
-  """Padded-length multiple of a buffer split into ``num_shards`` equal slices.
-
-  ``lcm(1024, num_shards)``: 1024 for any power-of-two count up to 1024, so
-  a state saved on 8 devices has the same buffers on 4, 2 or 1 and restores
-  there unchanged.
-  """
-  return math.lcm(PAD_MULTIPLE, int(num_shards))
-
-
-class Segment(NamedTuple):
-  """Where one leaf lives in its buffer."""
-
-  key: str  # its buffer's key
-  offset: int  # first element in the buffer
-  shape: tuple[int, ...]
-  size: int  # number of elements (0 for a zero-size leaf)
-
-
-class Buffer(NamedTuple):
-  """One packed buffer: all leaves of one dtype, in tree order, zero padded."""
-
-  key: str  # the key in the packed value: the dtype's name, or "<dtype>.leaf<i>"
-  dtype: np.dtype
-  size: int  # elements used by leaves
-  length: int  # padded length: a multiple of the layout's pad_multiple
-  leaves: tuple[int, ...]  # indices (in flattening order) of its leaves
-
-
-def _key(dtype: np.dtype) -> str:
-  return np.dtype(dtype).name
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -153,18 +116,7 @@ class FlatLayout:
       The layout. Equal trees (structure, shapes, dtypes) and arguments give
       the same (cached) layout object.
     """
-    for name, value, allow_none in (("pad_multiple", pad_multiple, False),
-                                    ("max_packed_leaf", max_packed_leaf, True),
-                                    ("small_leaf", small_leaf, True)):
-      if value is None and allow_none:
-        continue
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (
-          1 if name == "pad_multiple" else 0):
-        raise ValueError(
-            f"`FlatLayout.from_tree({name}=...)` must be a "
-            f"{'positive' if name == 'pad_multiple' else 'non-negative'} integer"
-            f"{' or None' if allow_none else ''}, got {value!r}"
-        )
+    _packing.check_options(pad_multiple, max_packed_leaf, small_leaf)
     flat, treedef = V.flatten_with_none(tree)
     specs = tuple(
         None if leaf is None else (tuple(np.shape(leaf)), V.dtype_of(leaf))
@@ -266,6 +218,11 @@ class FlatLayout:
         )
       leaves.append(leaf)
     return leaves
+
+  def leaves_by_index(self, tree) -> list | None:
+    """``tree``'s leaves by this layout's leaf index (``None`` leaves kept;
+    ``tree`` has the layout's structure, unchecked), or None for no tree."""
+    return None if tree is None else [x for _, x in V.flatten_with_none(tree)[0]]
 
   def for_tree(self, name: str, tree, against: str = "the layout") -> FlatLayout:
     """This layout for ``tree``: itself, or — when ``tree`` has the same
@@ -425,28 +382,5 @@ def _with_treedef(layout: FlatLayout, treedef) -> FlatLayout:
 @functools.lru_cache(maxsize=256)
 def _layout_from_specs(treedef, specs, pad_multiple, max_packed_leaf,
                        small_leaf=None) -> FlatLayout:
-  groups: dict[str, list[int]] = {}
-  dtypes: dict[str, np.dtype] = {}
-  for i, spec in enumerate(specs):
-    if spec is None:
-      continue
-    k = _key(spec[1])
-    size = math.prod(spec[0])
-    if small_leaf is not None and size < small_leaf:
-      k = f"{k}.small"
-    elif max_packed_leaf is not None and size > max_packed_leaf:
-      k = f"{k}.leaf{i}"
-    groups.setdefault(k, []).append(i)
-    dtypes[k] = np.dtype(spec[1])
-  segments: list[Segment | None] = [None] * len(specs)
-  buffers = []
-  for k in sorted(groups):
-    offset = 0
-    for i in groups[k]:
-      shape = specs[i][0]
-      size = math.prod(shape)
-      segments[i] = Segment(k, offset, shape, size)
-      offset += size
-    length = max(pad_multiple, -(-offset // pad_multiple) * pad_multiple)
-    buffers.append(Buffer(k, dtypes[k], offset, length, tuple(groups[k])))
-  return FlatLayout(treedef, tuple(segments), tuple(buffers), pad_multiple)
+  return FlatLayout(treedef, *_packing.plan(specs, pad_multiple, max_packed_leaf, small_leaf),
+                    pad_multiple)

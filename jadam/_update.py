@@ -228,6 +228,15 @@ _DYNAMIC = "dynamic"
 _ALWAYS_TRACED = ("learning_rate", "weight_decay")
 
 
+def array_hyper(hp: _rule.Hyper) -> tuple[_rule.Hyper, dict]:
+  """``hp`` split for ``custom_vmap``/``custom_jvp`` (the kernel's fallbacks):
+  the hyperparameters with ``None`` in place of each array, and the arrays by
+  name, the step's operands (Python numbers and ``None`` stay static)."""
+  arrays = {k: v for k, v in hp._asdict().items()
+            if v is not None and not isinstance(v, (int, float))}
+  return hp._replace(**dict.fromkeys(arrays)), arrays
+
+
 def split_hyper(hp: _rule.Hyper) -> tuple[_rule.Hyper, _rule.Hyper]:
   """Splits hyperparameters into static constants and traced values.
 

@@ -19,8 +19,9 @@ def nested_tree(dtype=jnp.float32):
   }
 
 
-def wide_tree(dtype=jnp.float32, n_leaves: int = 200):
-  """A tree of a few hundred small leaves of varied shapes."""
+def wide_tree(dtype=jnp.float32, n_leaves: int = 70):
+  """A tree of many small leaves of varied shapes (by default more than one
+  kernel call takes, ``jadam._kernel.GROUP``)."""
   rng = np.random.default_rng(1)
   shapes = [(3,), (2, 4), (5,), (1, 1, 3), ()]
   return {

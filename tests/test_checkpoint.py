@@ -49,25 +49,24 @@ def load(path) -> dict:
 
 def test_resume_in_fresh_processes(tmp_path):
   ckpt_dir = tmp_path / "ckpt"
-  outs = {name: tmp_path / name for name in ("train", "8", "4", "1")}
+  outs = {name: tmp_path / name for name in ("train", "8", "1")}
   for out in outs.values():
     out.mkdir()
   # An uninterrupted run of 20 steps on 8 devices that saves after step 10 ...
   mp.run_processes([worker("train", ckpt_dir, outs["train"])], tmp_path, timeout=120)
-  # ... resumed from that checkpoint in fresh processes on 8, 4 and 1 devices.
+  # ... resumed from that checkpoint in fresh processes on 8 and 1 devices
+  # (2 and 6: test_round_trip_onto_other_device_counts, in this process).
   mp.run_processes([worker("resume", ckpt_dir, outs[n], devices=int(n))
-                    for n in ("8", "4", "1")], tmp_path, timeout=120)
+                    for n in ("8", "1")], tmp_path, timeout=120)
   for strategy in ("zero1", "zero2"):
     want = load(outs["train"] / f"{strategy}.npz")
     assert len(want["losses"]) == 10
     # The same devices: the very same trajectory, bit for bit.
     chex.assert_trees_all_equal(load(outs["8"] / f"{strategy}.npz"), want,
                                 custom_message=f"{strategy} on 8 devices")
-    # Other device counts: the same steps, gradients summed in another order.
-    for n in ("4", "1"):
-      chex.assert_trees_all_close(load(outs[n] / f"{strategy}.npz"), want,
-                                  rtol=RTOL, atol=ATOL,
-                                  custom_message=f"{strategy} on {n} devices")
+    # One device: the same steps, gradients summed in another order.
+    chex.assert_trees_all_close(load(outs["1"] / f"{strategy}.npz"), want,
+                                rtol=RTOL, atol=ATOL, custom_message=f"{strategy} on 1 device")
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):

@@ -63,11 +63,11 @@ def adam_like_state(state):
 
 
 def moments(state):
+  """A state's count and moments (a flat state's unpacked into trees)."""
   s = adam_like_state(state)
-  out = {"count": s.count, "mu": s.mu, "nu": s.nu}
-  if hasattr(s, "nu_max"):
-    out["nu_max"] = s.nu_max
-  return out
+  names = ["mu", "nu"] + (["nu_max"] if hasattr(s, "nu_max") else [])
+  tree = lambda m: m.layout.unpack(m) if isinstance(m, jadam.Packed) else m  # noqa: E731
+  return {"count": s.count, **{n: tree(getattr(s, n)) for n in names}}
 
 
 def trajectory(tx, params, gseq):

@@ -117,8 +117,9 @@ def update_and_finish(rule: _rule.Rule, hp: _rule.Hyper, count: jax.Array, chunk
     ``new_count`` is ``count``.
   """
   hp, count_inc, scalars = _update.step_inputs(rule, hp, count)
-  static = _Static(rule, hp, chunks, use_wd, scale_lr, apply, tuple(out_dtypes))
-  dyn = (static.dynamic_hp(hp), scalars,
+  hp_static, hp_arrays = _update.array_hyper(hp)
+  static = _Static(rule, hp_static, chunks, use_wd, scale_lr, apply, tuple(out_dtypes))
+  dyn = (hp_arrays, scalars,
          [(c.grad, tuple(c.moments), c.param) for c in chunks], finite)
   use = use_kernel(rule, hp, chunks, apply, for_mesh, use_wd)
   static.partition = use == "partition"
@@ -145,17 +146,12 @@ def _fused_with_fallbacks(static: "_Static"):
 class _Static:
   """Everything of a step but its arrays: the two ways to run it."""
 
-  def __init__(self, rule, hp, chunks, use_wd, scale_lr, apply, out_dtypes):
+  def __init__(self, rule, hp_static, chunks, use_wd, scale_lr, apply, out_dtypes):
     self.partition = False  # the kernel on each device's shards (set by update_and_finish)
     self.rule, self.use_wd, self.scale_lr = rule, use_wd, scale_lr
     self.apply, self.out_dtypes = apply, out_dtypes
-    self.hp_static = hp._replace(**{k: None for k in self.dynamic_hp(hp)})
+    self.hp_static = hp_static  # (the arrays are operands: _update.array_hyper)
     self.segments = [(c.segments, c.decay) for c in chunks]
-
-  @staticmethod
-  def dynamic_hp(hp: _rule.Hyper) -> dict:
-    return {k: v for k, v in hp._asdict().items()
-            if v is not None and not isinstance(v, (int, float))}
 
   def _unpack(self, dyn):
     hp_dyn, scalars, arrays, finite = dyn

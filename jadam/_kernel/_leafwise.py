@@ -18,7 +18,6 @@ Float moments only, without LAMB or master weights, on one device's arrays
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from .. import _layout
@@ -42,7 +41,8 @@ def keys(rule: _rule.Rule, hp: _rule.Hyper, count, layout, grads, moments: list,
     return ()
   if layout.pad_multiple != _layout.PAD_MULTIPLE:
     return ()  # packed to be split over a mesh
-  chunks = _chunks(layout, _by_index(layout, grads), moments, _by_index(layout, params))
+  chunks = _chunks(layout, layout.leaves_by_index(grads), moments,
+                   layout.leaves_by_index(params))
   if not chunks or _policy.quantized(chunks):
     return ()
   hp = _update.evaluate_schedules(hp, count)  # (their values' dtypes are checked)
@@ -87,24 +87,18 @@ def update(rule: _rule.Rule, hp: _rule.Hyper, count, layout, grads, moments, par
     ``(new_count, updates tree, new moments, finite)`` like ``xla``.
   """
   hp = _update.evaluate_schedules(hp, count)  # schedules' values: traced arrays
-  static = _Step(rule, hp, layout, decay, use_wd, scale_lr, out_dtypes, xla)
+  hp_static, hp_arrays = _update.array_hyper(hp)
+  static = _Step(rule, hp_static, layout, decay, use_wd, scale_lr, out_dtypes, xla)
   from . import _fused_with_fallbacks  # pylint: disable=import-outside-toplevel
-  return _fused_with_fallbacks(static)(
-      (static.dynamic_hp(hp), count, grads, moments, params, finite))
+  return _fused_with_fallbacks(static)((hp_arrays, count, grads, moments, params, finite))
 
 
 class _Step:
   """A flat-layout step's static parts: the kernel's and XLA's way to run it."""
 
-  def __init__(self, rule, hp, layout, decay, use_wd, scale_lr, out_dtypes, xla):
-    self.rule, self.layout, self.decay = rule, layout, decay
+  def __init__(self, rule, hp_static, layout, decay, use_wd, scale_lr, out_dtypes, xla):
+    self.rule, self.layout, self.decay, self.hp_static = rule, layout, decay, hp_static
     self.use_wd, self.scale_lr, self.out_dtypes, self._xla = use_wd, scale_lr, out_dtypes, xla
-    self.hp_static = hp._replace(**{k: None for k in self.dynamic_hp(hp)})
-
-  @staticmethod
-  def dynamic_hp(hp: _rule.Hyper) -> dict:
-    return {k: v for k, v in hp._asdict().items()
-            if v is not None and not isinstance(v, (int, float))}
 
   def xla(self, dyn):
     hp_dyn, count, grads, moments, params, finite = dyn
@@ -116,7 +110,7 @@ class _Step:
     hp_dyn, count, grads, moments, params, finite = dyn
     rule, layout = self.rule, self.layout
     hp, count_inc, scalars = _update.step_inputs(rule, self.hp_static._replace(**hp_dyn), count)
-    g_leaves, p_leaves = _by_index(layout, grads), _by_index(layout, params)
+    g_leaves, p_leaves = layout.leaves_by_index(grads), layout.leaves_by_index(params)
     live = {i for i, s in enumerate(layout.segments) if s is not None and s.size}
     groups = []  # (buffer, leaf indices): the kernel's calls
     for b in layout.buffers:
@@ -159,11 +153,3 @@ class _Step:
     return (_update.next_count(count, count_inc, finite), layout.treedef.unflatten(updates),
             new_moments, finite)
 
-
-def _by_index(layout, tree) -> list | None:
-  """A tree's leaves by the layout's leaf index (``None`` where the layout
-  holds None), or None for no tree."""
-  if tree is None:
-    return None
-  leaves = iter(jax.tree.leaves(tree))
-  return [None if seg is None else next(leaves) for seg in layout.segments]
