@@ -226,6 +226,7 @@ def test_quick_q8_state_bytes_are_the_arrays(quick_run, case):
   assert by["jadam_flat_q8"]["state_bytes"] == _abstract_bytes(flat_state)
 
 
+@pytest.mark.usefixtures("default_kernel_mode")  # the default's path, whatever $JADAM_KERNEL says
 def test_q8_rows_tree_and_flat_agree_on_quantized_leaves():
   """The default q8 row and the flat q8 row that runs its path (the kernel
   where it builds, else XLA's ops) on case (b) (quick), 10 steps: every leaf

@@ -282,6 +282,7 @@ def test_grad_through_unpack_is_packed_and_zero_padded():
     assert not np.asarray(grads[b.key][b.size:], np.float32).any()
 
 
+@pytest.mark.usefixtures("default_kernel_mode")  # "auto" on a mesh, whatever $JADAM_KERNEL says
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
 def test_pack_unpack_under_donation_and_sharding(axis_type):
   params = mixed_tree()
@@ -489,7 +490,7 @@ def test_flat_float32_trajectories_agree():
   params = jax.tree.map(lambda x: x.astype(jnp.float32), mixed_tree())
   layout = optimizer_layout(params)
   for name in ("adamw_mask_schedule", "amsgrad", "radam"):
-    tree_hist = run(CONFIGS[name](), params)
+    tree_hist = run(CONFIGS[name](kernel="xla"), params)
     flat_hist = run(CONFIGS[name](layout="flat", kernel="xla"), params)
     for (u_t, p_t, s_t), (u_f, p_f, s_f) in zip(tree_hist, flat_hist):
       _assert_trees_close((u_f, p_f, state_as_tree(s_f, layout)), (u_t, p_t, s_t))
@@ -518,8 +519,9 @@ def test_flat_optimizer_state_types_no_retrace_and_shape_dtype_init():
 def test_flat_optimizer_in_chain_eager_and_without_params():
   params = mixed_tree()
   g = grads_like(params, 2)
-  tree_tx = optax.chain(optax.clip_by_global_norm(1.0), jadam.adam(1e-2))
-  # (XLA's ops: the tree layout's bits. The kernel's: test_kernel_leafwise.py.)
+  tree_tx = optax.chain(optax.clip_by_global_norm(1.0), jadam.adam(1e-2, kernel="xla"))
+  # (XLA's ops on both, whatever $JADAM_KERNEL says: the tree layout's bits.
+  # The kernel's: test_kernel_leafwise.py.)
   flat_tx = optax.chain(optax.clip_by_global_norm(1.0),
                         jadam.adam(1e-2, layout="flat", kernel="xla"))
   u_t, _ = tree_tx.update(g, tree_tx.init(params))  # eager, params=None
