@@ -55,7 +55,8 @@ def test_resume_in_fresh_processes(tmp_path):
   # An uninterrupted run of 20 steps on 8 devices that saves after step 10 ...
   mp.run_processes([worker("train", ckpt_dir, outs["train"])], tmp_path, timeout=120)
   # ... resumed from that checkpoint in fresh processes on 8 and 1 devices
-  # (2 and 6: test_round_trip_onto_other_device_counts, in this process).
+  # (zero1 onto 2 and 6 devices: test_round_trip_onto_other_device_counts, in
+  # this process).
   mp.run_processes([worker("resume", ckpt_dir, outs[n], devices=int(n))
                     for n in ("8", "1")], tmp_path, timeout=120)
   for strategy in ("zero1", "zero2"):
